@@ -1,0 +1,5 @@
+import sys
+
+from gmmrefine.cli.main import main
+
+sys.exit(main())

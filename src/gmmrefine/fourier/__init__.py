@@ -1,0 +1,1 @@
+"""Fourier helpers, CTF, masks, filters, FSC/FRC and resolution."""

@@ -1,0 +1,103 @@
+"""FFT layout shared by the whole package.
+
+Real-space images are ``(..., D, D)`` indexed ``[y, x]`` (maps ``[z, y, x]``) with the rotation centre
+at pixel ``D // 2`` on every axis, as RELION and mrcfile have it. Fourier transforms are the
+half-complex ``rfftn`` of the ``ifftshift``-ed array, so frequency 0 is at index 0 and the phase of a
+centred object is flat. Frequencies are in cycles per pixel: ``ky = fftfreq(D)``,
+``kx = rfftfreq(D)``; divide by ``apix`` for 1/A.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rfft2_centered(images: torch.Tensor) -> torch.Tensor:
+    """``(..., D, D)`` real images (centre at D//2) to ``(..., D, D//2+1)`` complex."""
+    return torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+
+
+def irfft2_centered(spectrum: torch.Tensor, box: int) -> torch.Tensor:
+    """Inverse of :func:`rfft2_centered`: ``(..., D, D//2+1)`` to ``(..., D, D)`` real images."""
+    return torch.fft.fftshift(torch.fft.irfft2(spectrum, s=(box, box)), dim=(-2, -1))
+
+
+def rfft3_centered(volume: torch.Tensor) -> torch.Tensor:
+    """``(..., D, D, D)`` real map (centre at D//2) to ``(..., D, D, D//2+1)`` complex."""
+    return torch.fft.rfftn(torch.fft.ifftshift(volume, dim=(-3, -2, -1)), dim=(-3, -2, -1))
+
+
+def irfft3_centered(spectrum: torch.Tensor, box: int) -> torch.Tensor:
+    """Inverse of :func:`rfft3_centered`."""
+    vol = torch.fft.irfftn(spectrum, s=(box, box, box), dim=(-3, -2, -1))
+    return torch.fft.fftshift(vol, dim=(-3, -2, -1))
+
+
+def freq_grid_2d(box: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Frequencies of the rfft2 layout.
+
+    Returns:
+        ``(D, D//2+1, 2)`` (kx, ky) in cycles per pixel.
+    """
+    ky = torch.fft.fftfreq(box, device=device, dtype=dtype)
+    kx = torch.fft.rfftfreq(box, device=device, dtype=dtype)
+    gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+    return torch.stack([gx, gy], dim=-1)
+
+
+def freq_grid_3d(box: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Frequencies of the rfftn layout of a ``(D, D, D)`` map.
+
+    Returns:
+        ``(D, D, D//2+1, 3)`` (kx, ky, kz) in cycles per voxel.
+    """
+    kz = torch.fft.fftfreq(box, device=device, dtype=dtype)
+    ky = torch.fft.fftfreq(box, device=device, dtype=dtype)
+    kx = torch.fft.rfftfreq(box, device=device, dtype=dtype)
+    gz, gy, gx = torch.meshgrid(kz, ky, kx, indexing="ij")
+    return torch.stack([gx, gy, gz], dim=-1)
+
+
+def radial_shell_index(box: int, ndim: int = 2, *, device=None) -> torch.Tensor:
+    """Integer shell (ring) of each Fourier pixel: ``round(|k| * D)``.
+
+    Returns:
+        ``(D, D//2+1)`` or ``(D, D, D//2+1)`` long tensor; shell ``D//2`` is Nyquist.
+    """
+    grid = freq_grid_2d(box, device=device, dtype=torch.float64) if ndim == 2 else \
+        freq_grid_3d(box, device=device, dtype=torch.float64)
+    return torch.round(grid.norm(dim=-1) * box).long()
+
+
+def phase_shift_2d(spectrum: torch.Tensor, translation_px: torch.Tensor) -> torch.Tensor:
+    """Translate images in Fourier space.
+
+    Args:
+        spectrum: ``(B, D, D//2+1)`` complex, :func:`rfft2_centered` layout.
+        translation_px: ``(B, 2)`` translation (x, y) in pixels; content moves by ``+translation``.
+
+    Returns:
+        ``(B, D, D//2+1)`` translated spectra.
+    """
+    box = spectrum.shape[-2]
+    grid = freq_grid_2d(box, device=spectrum.device, dtype=translation_px.dtype)
+    phase = -2 * torch.pi * (grid @ translation_px.T[None])  # (D, D//2+1, B)
+    phase = phase.permute(2, 0, 1)
+    return spectrum * torch.polar(torch.ones_like(phase), phase).to(spectrum.dtype)
+
+
+def fourier_crop_2d(spectrum: torch.Tensor, new_box: int) -> torch.Tensor:
+    """Keep the frequencies of a smaller box (band-limit and downsample; pixel size grows).
+
+    Args:
+        spectrum: ``(..., D, D//2+1)``.
+        new_box: even box ``d <= D``.
+
+    Returns:
+        ``(..., d, d//2+1)``; the real-space image of it has pixel size ``apix * D / d`` and the
+        same amplitude scale per pixel once divided by ``(D / d) ** 2``.
+    """
+    box = spectrum.shape[-2]
+    half = new_box // 2
+    rows = torch.cat([torch.arange(0, half), torch.arange(box - half, box)]).to(spectrum.device)
+    return spectrum[..., rows, : half + 1]

@@ -1,0 +1,1 @@
+"""Rotations (RELION ZYZ Euler angles, axis-angle updates) and symmetry groups."""

@@ -1,0 +1,1 @@
+"""File formats: MRC maps and stacks, RELION STAR, cryoSPARC .cs, atomic models."""

@@ -1,0 +1,1 @@
+"""gmmrefine.simulate"""

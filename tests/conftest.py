@@ -1,0 +1,45 @@
+"""Shared fixtures.
+
+Tests marked ``relion`` compare against RELION 3.1 binaries. They skip on a machine without RELION
+unless ``GMMREFINE_REQUIRE_RELION`` is set (CI sets it), where a missing binary is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+PACKAGE_DATA = Path(__file__).parents[1] / "src" / "gmmrefine" / "data"
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+def relion_available() -> bool:
+    return shutil.which("relion_project") is not None and shutil.which("relion_reconstruct") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if relion_available():
+        return
+    if os.environ.get("GMMREFINE_REQUIRE_RELION"):
+        pytest.exit("RELION binaries are missing but GMMREFINE_REQUIRE_RELION is set: install relion",
+                    returncode=1)
+    skip = pytest.mark.skip(reason="RELION 3.1 binaries not on PATH")
+    for item in items:
+        if "relion" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def adk_open_pdb() -> Path:
+    return PACKAGE_DATA / "adk_open.pdb"
+
+
+@pytest.fixture(scope="session")
+def adk_closed_pdb() -> Path:
+    return PACKAGE_DATA / "adk_closed.pdb"
