@@ -1,0 +1,447 @@
+"""Gold-standard global GMM refinement: the iteration loop, one half set at a time.
+
+Per iteration ``k`` and per half ``h`` (each half on its own; they meet only in the reported FSC):
+
+1. ``itK/half{h}/gmm``: low-pass the half map of the previous step to that half's own resolution
+   estimate and build its GMM there (warm-started from the previous GMM after the first iteration).
+2. ``itK/half{h}/refine``: stream the half's particles in chunks; refine each particle's rotation and
+   shift against the GMM over the band ``[minres, resolution]`` (:func:`gmmrefine.refine.poses.refine_poses`),
+   and insert it at its new pose into two accumulators (the half's even and odd particles); the half
+   map is their sum; their FSC, corrected to the size of a half set (``2 c / (1 + c)``), is the half's
+   resolution estimate for the next band.
+3. ``itK/fsc``: gold-standard FSC between the half maps, ``particles.star``.
+
+Why a per-half resolution estimate instead of the gold-standard one: the band and the low-pass of
+half 1 must not depend on half 2's particles, or half 1's results would change with half 2's data
+(a test changes only half 2 and requires bit-identical half-1 outputs). The quarter-map estimate
+depends on the half's own particles only.
+
+Every step writes its outputs atomically and is marked done in ``state.json`` afterwards; every step
+reads what it needs from the files of earlier steps, so a resumed run computes exactly what an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gmmrefine.fourier.filters import low_pass
+from gmmrefine.fourier.fsc import fourier_shell_correlation, resolution_at, shell_frequencies
+from gmmrefine.geometry.rotations import euler_to_matrix, matrix_to_euler, rotation_angle_deg
+from gmmrefine.geometry.shifts import image_translation_px
+from gmmrefine.gmm.model import GaussianMixture
+from gmmrefine.gmm.project import fourier_band
+from gmmrefine.io.atomic import atomic_path, write_json_atomic
+from gmmrefine.io.mrc import read_map, write_map
+from gmmrefine.refine.poses import PoseSettings, particle_band, refine_poses
+
+HALVES = (1, 2)
+CTF_COMPARISONS = ("flip", "full")
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Settings of a global refinement (the CLI's options).
+
+    Attributes:
+        iterations: refinement iterations.
+        resolution_start_A: band limit of the first iteration; None measures it per half from the
+            input poses.
+        minres_A: low-resolution end of the FRC band.
+        chunk: particles read and refined at a time (memory).
+        ctf: ``"flip"`` compares GMM projections with phase-flipped particles (the paper's);
+            ``"full"`` multiplies the projections by the CTF and compares with the particles as they are.
+        reconstruct_ctf: CTF handling of the reconstructions (``"wiener"``: ``CTF F`` over ``CTF^2``,
+            as ``relion_reconstruct --ctf``; ``"flip"``).
+        pose: optimiser settings.
+        gmm_steps: Adam steps of each GMM fit (:func:`gmmrefine.gmm.build.build_gmm`).
+        device: torch device of the hot paths.
+        progress: progress bars on a terminal.
+    """
+
+    iterations: int = 5
+    resolution_start_A: float | None = None
+    minres_A: float = 50.0
+    chunk: int = 20000
+    ctf: str = "flip"
+    reconstruct_ctf: str = "wiener"
+    pose: PoseSettings = field(default_factory=PoseSettings)
+    gmm_steps: int = 150
+    device: str = "cpu"
+    progress: bool = True
+
+
+def quarter_labels(subset: np.ndarray) -> np.ndarray:
+    """``(N,)`` 1 or 2: alternate particles within each half (in input order) for per-half FSCs."""
+    labels = np.zeros(len(subset), dtype=np.int64)
+    for h in HALVES:
+        idx = np.flatnonzero(subset == h)
+        labels[idx] = np.arange(len(idx)) % 2 + 1
+    return labels
+
+
+def half_set_fsc(quarter_fsc: torch.Tensor) -> torch.Tensor:
+    """FSC expected between two maps of twice the particles (Spearman-Brown: ``2 c / (1 + c)``)."""
+    c = quarter_fsc.clamp(min=-0.99)
+    return 2 * c / (1 + c)
+
+
+def it_dir(k: int) -> str:
+    return f"it{k:03d}"
+
+
+# ------------------------------------------------------------------------------------------------
+# One half: stream chunks, optionally refine them, and reconstruct
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class HalfPass:
+    """What one pass over a half's particles produced.
+
+    Attributes:
+        indices: ``(n,)`` particle indices of the half (input order).
+        angles_deg, shift_A: ``(n, 3)``, ``(n, 2)`` poses after the pass (float64).
+        frc_start, frc_end: ``(n,)`` band FRC before and after refinement (NaN without refinement).
+        half_map: ``(D, D, D)`` float32 map of the half at the new poses.
+        quarter_fsc: ``(D//2+1,)`` FSC between the half's even and odd particles' maps.
+        seconds: wall time of the pass.
+        apix: pixel size (A/px).
+    """
+
+    indices: np.ndarray
+    angles_deg: np.ndarray
+    shift_A: np.ndarray
+    frc_start: np.ndarray
+    frc_end: np.ndarray
+    half_map: torch.Tensor
+    quarter_fsc: torch.Tensor
+    seconds: float
+    apix: float
+
+    @property
+    def resolution_A(self) -> float:
+        """Resolution estimate of the half map alone (corrected quarter FSC at 0.143)."""
+        box = self.half_map.shape[-1]
+        return resolution_at(half_set_fsc(self.quarter_fsc), box, self.apix, 0.143)
+
+
+def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settings: RefineSettings, *,
+              gmm: GaussianMixture | None = None, maxres_A: float | None = None, desc: str = "") -> HalfPass:
+    """Read the particles of ``half`` in chunks, refine their poses against ``gmm`` (if given) and
+    reconstruct the half at the resulting poses.
+
+    Args:
+        ps: :class:`~gmmrefine.io.particles.ParticleSet`.
+        half: 1 or 2.
+        angles_deg, shift_A: ``(N, 3)``, ``(N, 2)`` current poses of all particles (only this half's
+            rows are read).
+        settings: refinement settings.
+        gmm: the half's GMM; None reconstructs at the given poses without refining.
+        maxres_A: high-resolution end of the band (needed with ``gmm``).
+        desc: progress bar label.
+
+    Returns:
+        :class:`HalfPass`.
+    """
+    from tqdm import tqdm
+
+    from gmmrefine.fourier.ctf import ctf_for_box
+    from gmmrefine.io.particles import iter_image_chunks
+    from gmmrefine.reconstruct.invert import accumulate_images, reconstruct_map
+
+    device = torch.device(settings.device)
+    t_start = time.perf_counter()
+    indices = ps.half(half)
+    labels_all = quarter_labels(np.asarray(ps.subset))
+    n = len(indices)
+    new_angles = np.array(angles_deg[indices], dtype=np.float64)
+    new_shift = np.array(shift_A[indices], dtype=np.float64)
+    frc_start = np.full(n, np.nan)
+    frc_end = np.full(n, np.nan)
+    band = None
+    if gmm is not None:
+        band = fourier_band(ps.box, ps.apix, settings.minres_A, maxres_A, device=device)
+        gmm = gmm.to(device=device, dtype=torch.float32)
+
+    def chunks():
+        bar = tqdm(total=n, desc=desc or f"half {half}", unit="particle", disable=None if settings.progress else True)
+        offset = 0
+        try:
+            for idx, images in iter_image_chunks(ps, indices, settings.chunk):
+                # Chunks come in the order of ``indices``: rows of this half's arrays.
+                rows = np.arange(offset, offset + len(idx))
+                offset += len(idx)
+                img = torch.from_numpy(images).to(device)
+                ctf = ctf_for_box(ps.box, ps.apix, **ps.ctf.as_tensors(idx, device=device)).to(
+                    device=device, dtype=torch.float32)
+                matrices = euler_to_matrix(torch.as_tensor(new_angles[rows], device=device)).to(torch.float32)
+                shifts = torch.as_tensor(new_shift[rows], device=device, dtype=torch.float64)
+                if gmm is not None:
+                    t0 = image_translation_px(shifts, ps.apix).to(torch.float32)
+                    if settings.ctf == "full":
+                        target = particle_band(img, band)
+                        ctf_band = band.gather(ctf)
+                    else:
+                        target = particle_band(img, band, ctf)
+                        ctf_band = None
+                    res = refine_poses(gmm, target, matrices, t0, band, settings.pose, ctf=ctf_band)
+                    matrices = res.rotations
+                    # origin = -translation * apix; keep float64 where the float32 update adds nothing.
+                    shifts = shifts - (res.translation_px.to(torch.float64) - t0.to(torch.float64)) * ps.apix
+                    new_angles[rows] = matrix_to_euler(matrices.to(torch.float64)).cpu().numpy()
+                    new_shift[rows] = shifts.cpu().numpy()
+                    frc_start[rows] = res.frc_start.cpu().numpy()
+                    frc_end[rows] = res.frc_end.cpu().numpy()
+                    # Insert at the pose as it will be stored (Euler angles), so a reconstruction
+                    # from the written STAR file is the same map.
+                    matrices = euler_to_matrix(torch.as_tensor(new_angles[rows], device=device)).to(torch.float32)
+                yield img, matrices, shifts.to(torch.float32), ctf, torch.as_tensor(labels_all[idx])
+                bar.update(len(idx))
+        finally:
+            bar.close()
+
+    accs = accumulate_images(chunks(), ps.box, ps.apix, ctf_mode=settings.reconstruct_ctf, halves=(1, 2),
+                             device=device)
+    quarter = quarter_map_fsc(accs[1], accs[2])
+    half_map = reconstruct_map(accs[1].add_(accs.pop(2)), consume=True).cpu()
+    return HalfPass(indices=indices, angles_deg=new_angles, shift_A=new_shift, frc_start=frc_start,
+                    frc_end=frc_end, half_map=half_map, quarter_fsc=quarter, seconds=time.perf_counter() - t_start,
+                    apix=ps.apix)
+
+
+def quarter_map_fsc(a, b) -> torch.Tensor:
+    """FSC between the maps of two accumulators (a half set's even and odd particles).
+
+    The maps are made as the half maps are (Pipe-Menon weights): plain division is ~10x faster but,
+    measured on 200 simulated adk particles (box 64, SNR 0.1), moved the corrected estimate from 8.5 to
+    10.0 A (the gold-standard FSC of the two halves gave 7.9 A), and the numerator grids' own FSC on the
+    padded grid gave 10.1 A: cropping the padded map in real space averages neighbouring Fourier voxels,
+    which those estimates miss.
+
+    Args:
+        a, b: :class:`~gmmrefine.reconstruct.insert.FourierAccumulator` (not modified).
+
+    Returns:
+        ``(D//2+1,)`` float64 FSC per shell.
+    """
+    from gmmrefine.reconstruct.invert import reconstruct_map
+
+    maps = [reconstruct_map(acc).cpu() for acc in (a, b)]
+    return fourier_shell_correlation(maps[0], maps[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# GMM building
+# ------------------------------------------------------------------------------------------------
+
+def build_half_gmm(volume: torch.Tensor, apix: float, resolution_A: float, *, init: GaussianMixture | None,
+                   seed: int, steps: int = 150, device: str = "cpu",
+                   builder: Callable | None = None) -> tuple[GaussianMixture, dict]:
+    """The half's GMM at ``resolution_A`` from its low-passed map (warm-started from ``init``).
+
+    ``builder`` defaults to :func:`gmmrefine.gmm.build.build_gmm` and is called as it is.
+
+    Returns:
+        ``(gmm on the CPU, float32; the builder's info dict)``.
+    """
+    if builder is None:
+        from gmmrefine.gmm.build import build_gmm as builder
+    gmm, info = builder(volume, apix, resolution_A, init=init, seed=seed, steps=steps, device=device)
+    return gmm.detach().to(device="cpu", dtype=torch.float32), info
+
+
+# ------------------------------------------------------------------------------------------------
+# Files of a step
+# ------------------------------------------------------------------------------------------------
+
+def save_poses(path: Path, p: HalfPass, start_angles: np.ndarray, start_shift: np.ndarray, apix: float) -> None:
+    """``poses_half{h}.npz``: indices, new poses, FRC before/after, pose change (degrees, pixels)."""
+    before = euler_to_matrix(torch.as_tensor(start_angles[p.indices]))
+    after = euler_to_matrix(torch.as_tensor(p.angles_deg))
+    change_deg = rotation_angle_deg(before, after).numpy()
+    change_px = np.linalg.norm(p.shift_A - start_shift[p.indices], axis=1) / apix
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, indices=p.indices, angles_deg=p.angles_deg, shift_A=p.shift_A, frc_start=p.frc_start,
+                     frc_end=p.frc_end, change_deg=change_deg, change_px=change_px)
+
+
+def load_poses(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: np.asarray(data[k]) for k in data.files}
+
+
+def _resolution_json(path: Path, p: HalfPass, box: int) -> dict:
+    info = {"resolution_A": p.resolution_A, "quarter_fsc": p.quarter_fsc.tolist(),
+            "corrected_fsc": half_set_fsc(p.quarter_fsc).tolist(), "seconds": p.seconds,
+            "n_particles": int(len(p.indices))}
+    if np.isfinite(p.frc_end).any():
+        info["frc_start_mean"] = float(np.nanmean(p.frc_start))
+        info["frc_end_mean"] = float(np.nanmean(p.frc_end))
+    write_json_atomic(path, info)
+    return info
+
+
+def current_poses(job, ps, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Poses of all particles after iteration ``k`` (0: the input's), from the job's files."""
+    angles = np.array(ps.angles_deg, dtype=np.float64)
+    shifts = np.array(ps.shift_A, dtype=np.float64)
+    if k == 0:
+        return angles, shifts
+    for h in HALVES:
+        d = load_poses(job.path / it_dir(k) / f"poses_half{h}.npz")
+        angles[d["indices"]] = d["angles_deg"]
+        shifts[d["indices"]] = d["shift_A"]
+    return angles, shifts
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class IterationSummary:
+    iteration: int
+    resolution_A: float
+    half_resolution_A: dict
+    mean_change_deg: float
+    mean_change_px: float
+    seconds: float
+
+
+def _half_resolution(job, k: int, h: int) -> float:
+    return float(json.loads((job.path / it_dir(k) / f"half{h}_resolution.json").read_text())["resolution_A"])
+
+
+def _gold_fsc(job, k: int, apix: float) -> dict:
+    d = job.path / it_dir(k)
+    h1 = torch.as_tensor(read_map(d / "half1.mrc")[0])
+    h2 = torch.as_tensor(read_map(d / "half2.mrc")[0])
+    curve = fourier_shell_correlation(h1, h2)
+    box = h1.shape[-1]
+    return {"iteration": k, "fsc": curve.tolist(), "frequency_inv_A": shell_frequencies(box, apix).tolist(),
+            "resolution_A": resolution_at(curve, box, apix, 0.143),
+            "half_resolution_A": {str(h): _half_resolution(job, k, h) for h in HALVES}}
+
+
+def band_limit(resolution_A: float, settings: RefineSettings, apix: float) -> float:
+    """High-resolution end of the band for a half whose resolution estimate is ``resolution_A``."""
+    return float(min(max(resolution_A, 2.0 * apix), settings.minres_A / 2.0))
+
+
+def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callable | None = None,
+                          on_step: Callable[[str], None] | None = None) -> list[dict]:
+    """Run (or resume) the iterations of a job.
+
+    Args:
+        job: :class:`gmmrefine.pipeline.job.Job` (its completed steps are skipped).
+        ps: the input particle set.
+        settings: refinement settings.
+        builder: GMM builder (defaults to :func:`gmmrefine.gmm.build.build_gmm`).
+        on_step: called with each step name after it completes (tests use it to interrupt).
+
+    Returns:
+        The ``fsc.json`` contents of iterations ``0..iterations``.
+    """
+    apix, box = ps.apix, ps.box
+
+    def done(step: str, **summary) -> None:
+        job.mark_done(step, **summary)
+        if on_step is not None:
+            on_step(step)
+
+    # Iteration 0: half maps at the input poses.
+    for h in HALVES:
+        step = f"{it_dir(0)}/half{h}"
+        if job.is_done(step):
+            continue
+        angles, shifts = current_poses(job, ps, 0)
+        p = half_pass(ps, h, angles, shifts, settings, desc=f"it000 reconstruct half {h}")
+        d = job.dir(it_dir(0))
+        write_map(d / f"half{h}.mrc", p.half_map.numpy(), apix)
+        info = _resolution_json(d / f"half{h}_resolution.json", p, box)
+        done(step, resolution_A=info["resolution_A"], seconds=p.seconds)
+    histories = []
+    step = f"{it_dir(0)}/fsc"
+    if not job.is_done(step):
+        fsc = _gold_fsc(job, 0, apix)
+        write_json_atomic(job.dir(it_dir(0)) / "fsc.json", fsc)
+        done(step, resolution_A=fsc["resolution_A"])
+        job.log(f"start: gold-standard resolution {fsc['resolution_A']:.2f} A (half estimates "
+                f"{fsc['half_resolution_A']['1']:.2f} / {fsc['half_resolution_A']['2']:.2f} A)")
+    histories.append(json.loads((job.path / it_dir(0) / "fsc.json").read_text()))
+
+    for k in range(1, settings.iterations + 1):
+        d = job.dir(it_dir(k))
+        for h in HALVES:
+            prev_res = (settings.resolution_start_A if (k == 1 and settings.resolution_start_A)
+                        else _half_resolution(job, k - 1, h))
+            maxres = band_limit(prev_res, settings, apix)
+            step = f"{it_dir(k)}/half{h}/gmm"
+            if not job.is_done(step):
+                t0 = time.perf_counter()
+                half_map = torch.as_tensor(read_map(job.path / it_dir(k - 1) / f"half{h}.mrc")[0])
+                reference = low_pass(half_map, maxres, apix)
+                init = GaussianMixture.load(job.path / it_dir(k - 1) / f"gmm_half{h}.npz") if k > 1 else None
+                gmm, info = build_half_gmm(reference, apix, maxres, init=init, seed=job.seed_for(step),
+                                           steps=settings.gmm_steps, device=settings.device, builder=builder)
+                gmm.save(d / f"gmm_half{h}.npz")
+                gmm.to_pdb(d / f"gmm_half{h}.pdb", box=box, apix=apix)
+                done(step, n_gaussians=gmm.n, resolution_A=maxres, seconds=time.perf_counter() - t0,
+                     gmm_fsc09_A=info.get("resolution_fsc09_A"))
+            step = f"{it_dir(k)}/half{h}/refine"
+            if not job.is_done(step):
+                gmm = GaussianMixture.load(d / f"gmm_half{h}.npz")
+                angles, shifts = current_poses(job, ps, k - 1)
+                p = half_pass(ps, h, angles, shifts, settings, gmm=gmm, maxres_A=maxres,
+                              desc=f"it{k:03d} refine half {h}")
+                save_poses(d / f"poses_half{h}.npz", p, angles, shifts, apix)
+                write_map(d / f"half{h}.mrc", p.half_map.numpy(), apix)
+                info = _resolution_json(d / f"half{h}_resolution.json", p, box)
+                done(step, resolution_A=info["resolution_A"], seconds=p.seconds,
+                     particles_per_s=len(p.indices) / max(p.seconds, 1e-9))
+        step = f"{it_dir(k)}/fsc"
+        if not job.is_done(step):
+            fsc = _gold_fsc(job, k, apix)
+            changes = [load_poses(d / f"poses_half{h}.npz") for h in HALVES]
+            deg = np.concatenate([c["change_deg"] for c in changes])
+            px = np.concatenate([c["change_px"] for c in changes])
+            seconds = sum(job.summary(f"{it_dir(k)}/half{h}/{s}").get("seconds", 0.0)
+                          for h in HALVES for s in ("gmm", "refine"))
+            fsc.update(mean_change_deg=float(deg.mean()), std_change_deg=float(deg.std()),
+                       mean_change_px=float(px.mean()), std_change_px=float(px.std()), seconds=seconds,
+                       n_gaussians={str(h): job.summary(f"{it_dir(k)}/half{h}/gmm")["n_gaussians"] for h in HALVES})
+            write_json_atomic(d / "fsc.json", fsc)
+            angles, shifts = current_poses(job, ps, k)
+            from gmmrefine.io.particles import write_particles_star
+
+            write_particles_star(ps, d / "particles.star", angles, shifts, absolute_image_paths=True)
+            done(step, resolution_A=fsc["resolution_A"])
+            job.log(f"iteration {k}: resolution {fsc['resolution_A']:.2f} A, pose change "
+                    f"{fsc['mean_change_deg']:.2f} +/- {fsc['std_change_deg']:.2f} deg, "
+                    f"{fsc['mean_change_px']:.2f} +/- {fsc['std_change_px']:.2f} px, {seconds:.0f} s")
+        histories.append(json.loads((d / "fsc.json").read_text()))
+    return histories
+
+
+def settings_from_params(params: dict) -> RefineSettings:
+    """:class:`RefineSettings` from a job's parameter dictionary (``job.json``)."""
+    pose = PoseSettings(steps=int(params["steps"]), lr=float(params["lr"]), batch=int(params["batch"]),
+                        rotation_unit_rad=float(params.get("rotation_unit_rad", 2.0)),
+                        translation_unit_px=params.get("translation_unit_px"))
+    res = params.get("resolution_start")
+    return RefineSettings(iterations=int(params["iterations"]),
+                          resolution_start_A=None if res in (None, "auto") else float(res),
+                          minres_A=float(params.get("minres", 50.0)), chunk=int(params["chunk"]),
+                          ctf=str(params.get("ctf", "flip")),
+                          reconstruct_ctf=str(params.get("reconstruct_ctf", "wiener")),
+                          pose=pose, gmm_steps=int(params.get("gmm_steps", 150)),
+                          device=str(params.get("device", "cpu")),
+                          progress=bool(params.get("progress", True)))
