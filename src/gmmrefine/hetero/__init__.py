@@ -1,1 +1,10 @@
-"""gmmrefine.hetero"""
+"""gmmrefine.hetero: per-particle conformations from a GMM encoder/decoder trained on each half set on
+its own (:mod:`~gmmrefine.hetero.networks`, :mod:`~gmmrefine.hetero.train`), the files of a
+heterogeneity job (:mod:`~gmmrefine.hetero.outputs`) and conformation to domain pose
+(:mod:`~gmmrefine.hetero.conformation`)."""
+
+from gmmrefine.hetero.networks import Decoder, Encoder, build_decoder, half_seed, pca, pretrain_decoder
+from gmmrefine.hetero.train import HalfResult, HeteroSettings, latent_table, train_halves
+
+__all__ = ["Encoder", "Decoder", "build_decoder", "pretrain_decoder", "half_seed", "pca", "HeteroSettings",
+           "HalfResult", "train_halves", "latent_table"]

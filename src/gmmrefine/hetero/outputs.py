@@ -1,0 +1,326 @@
+"""Inputs and outputs of ``gmmrefine hetero``: where a refinement job keeps its particles and GMMs,
+and the files a heterogeneity job writes (latents, STAR columns, plots, GMMs and maps along the
+principal directions, the trained networks, a report page)."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gmmrefine.errors import InputError
+from gmmrefine.gmm.model import GaussianMixture
+from gmmrefine.hetero.networks import Decoder, Encoder, pca
+from gmmrefine.hetero.train import HalfResult, HeteroSettings
+from gmmrefine.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+
+LATENT_COLUMN = "gmmLatent{k}"          # 1-based
+PC1_COLUMN = "gmmLatentPC1"             # PC1 score within the particle's own half
+TRAJECTORY_SD = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+
+
+@dataclass
+class HeteroInputs:
+    """What a heterogeneity run starts from.
+
+    Attributes:
+        particles: STAR/.cs file with the consensus poses and the half split.
+        gmms: ``{half: path}`` of each half's consensus GMM (``.npz``).
+        resolution_A: the consensus resolution when known (a job's ``final/summary.json``), else None.
+    """
+
+    particles: Path
+    gmms: dict[int, Path]
+    resolution_A: float | None = None
+
+
+def _last_iteration_with(job: Path, names: tuple[str, ...]) -> Path | None:
+    dirs = sorted((p for p in job.glob("it[0-9][0-9][0-9]") if all((p / n).is_file() for n in names)),
+                  key=lambda p: int(p.name[2:]))
+    return dirs[-1] if dirs else None
+
+
+def _json_number(path: Path, key: str) -> float | None:
+    try:
+        return float(json.loads(path.read_text())[key])
+    except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def job_inputs(job: str | Path) -> HeteroInputs:
+    """Particles and GMMs of a ``gmmrefine refine`` job folder.
+
+    Particles: ``JOB/final/particles.star`` (else the last ``itNNN/particles.star``). GMMs: the
+    ``gmm_half1.npz`` / ``gmm_half2.npz`` of the last iteration that has both (the references the
+    final poses were refined against). Resolution: ``final/summary.json`` ``resolution_final_A`` (else
+    the last ``itNNN/fsc.json`` ``resolution_A``).
+    """
+    job = Path(job)
+    if not job.is_dir():
+        raise InputError(f"{job}: --job must be a gmmrefine refine job folder; it does not exist.",
+                         path=str(job), field="--job")
+    particles = job / "final" / "particles.star"
+    if not particles.is_file():
+        it = _last_iteration_with(job, ("particles.star",))
+        if it is None:
+            raise InputError(f"{job}: no final/particles.star nor itNNN/particles.star; is it a finished "
+                             "gmmrefine refine job?", path=str(job), field="--job")
+        particles = it / "particles.star"
+    it = _last_iteration_with(job, ("gmm_half1.npz", "gmm_half2.npz"))
+    if it is None:
+        raise InputError(f"{job}: no itNNN/gmm_half1.npz and gmm_half2.npz (the halves' GMMs); pass "
+                         "--gmm1/--gmm2.", path=str(job), field="--job")
+    resolution = _json_number(job / "final" / "summary.json", "resolution_final_A")
+    if resolution is None:
+        last = _last_iteration_with(job, ("fsc.json",))
+        resolution = None if last is None else _json_number(last / "fsc.json", "resolution_A")
+    return HeteroInputs(particles, {1: it / "gmm_half1.npz", 2: it / "gmm_half2.npz"}, resolution)
+
+
+def default_maxres_A(resolution_A: float | None, apix: float) -> float:
+    """FRC band limit: the consensus resolution, but no finer than 4 pixels (heterogeneity lives at
+    low and medium resolution, and a narrower band trains faster)."""
+    floor = 4.0 * apix
+    return floor if resolution_A is None else max(float(resolution_A), floor)
+
+
+# ------------------------------------------------------------------------------------------------
+# Latents along principal directions
+# ------------------------------------------------------------------------------------------------
+
+def pc_trajectory(latents: np.ndarray, component: int = 0, sd: tuple[float, ...] = TRAJECTORY_SD) -> np.ndarray:
+    """``(F, L)`` latents at ``mean + t * sd_k * direction_k`` for ``t`` in ``sd`` (standard deviations
+    of the half's latents along principal direction ``k``)."""
+    _, comps, mean, var = pca(latents)
+    step = np.sqrt(max(float(var[component]), 0.0))
+    return np.stack([mean + t * step * comps[component] for t in sd]).astype(np.float32)
+
+
+def write_multimodel_pdb(gmms: list[GaussianMixture], path: Path, *, box: int, apix: float) -> None:
+    """One PDB with a MODEL per GMM (a movie in ChimeraX: ``open f.pdb; mseries play #1``)."""
+    structure = None
+    for i, gmm in enumerate(gmms):
+        one = gmm._structure(((box // 2) * apix,) * 3)
+        model = one[0].clone()
+        model.num = i + 1
+        if structure is None:
+            structure = one
+            del structure[0]
+        structure.add_model(model)
+    with atomic_path(path) as tmp:
+        structure.write_pdb(str(tmp))
+
+
+# ------------------------------------------------------------------------------------------------
+# Networks
+# ------------------------------------------------------------------------------------------------
+
+def save_networks(result: HalfResult, settings: HeteroSettings, path: Path) -> None:
+    """Encoder and decoder weights plus what rebuilds them (``torch.load(..., weights_only=True)``)."""
+    dec = result.decoder
+    payload = {
+        "half": result.half, "seed": result.seed, "latent_dim": settings.latent_dim,
+        "n_features": int(result.encoder.feature_mean.shape[0]),
+        "encoder_hidden": list(settings.encoder_hidden), "decoder_hidden": list(settings.decoder_hidden),
+        "coarse_scale_A": dec.coarse_scale_A, "fine_scale_A": dec.fine_scale_A,
+        "amplitude_scale": dec.amplitude_scale, "stage": dec.stage,
+        "encoder": result.encoder.state_dict(), "decoder": dec.state_dict(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_networks(path: Path) -> tuple[Encoder, Decoder]:
+    """The networks written by :func:`save_networks` (CPU, eval mode)."""
+    p = torch.load(path, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    enc = Encoder(p["n_features"], p["latent_dim"], tuple(p["encoder_hidden"]), gen)
+    enc.load_state_dict(p["encoder"])
+    d = p["decoder"]
+    neutral = GaussianMixture(d["centers_A"], d["amplitudes"], d["widths_A"])
+    dec = Decoder(neutral, p["latent_dim"], d["blend"], tuple(p["decoder_hidden"]), gen,
+                  coarse_scale_A=p["coarse_scale_A"], fine_scale_A=p["fine_scale_A"],
+                  amplitude_scale=p["amplitude_scale"])
+    dec.load_state_dict(d)
+    dec.set_stage(p["stage"])
+    return enc.eval(), dec.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots and report
+# ------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_latent_pca(results: dict[int, HalfResult], path: Path) -> None:
+    """PC1 against PC2 of each half's latents (one panel per half)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4.2), squeeze=False)
+    for ax, (h, r) in zip(axes[0], sorted(results.items())):
+        scores, _, _, var = pca(r.latents)
+        frac = var / max(var.sum(), 1e-30)
+        y = scores[:, 1] if scores.shape[1] > 1 else np.zeros(len(scores))
+        ax.scatter(scores[:, 0], y, s=4, alpha=0.5)
+        ax.set_xlabel(f"PC1 ({100 * frac[0]:.0f} % of variance)")
+        ax.set_ylabel(f"PC2 ({100 * frac[1]:.0f} % of variance)" if len(frac) > 1 else "(one latent dimension)")
+        ax.set_title(f"half {h}: {len(scores)} particles")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curves(results: dict[int, HalfResult], path: Path) -> None:
+    """Mean training FRC per epoch of each half (the stage switch marked)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for h, r in sorted(results.items()):
+        epochs = [e["epoch"] for e in r.history]
+        ax.plot([0] + epochs, [float(r.frc_neutral.mean())] + [e["frc"] for e in r.history], marker="o", ms=3,
+                label=f"half {h}")
+        full = [e["epoch"] for e in r.history if e["stage"] == "full"]
+        if full:
+            ax.axvline(full[0] - 0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("epoch (0: neutral GMM; dashed: full-GMM refinement starts)")
+    ax.set_ylabel("mean band FRC (decoded GMM vs particle)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, summary: dict) -> Path:
+    """``report.html``: the heterogeneity section (numbers, plots, files)."""
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in summary["table"].items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>gmmrefine hetero</title></head><body>
+<h1>Heterogeneity analysis</h1>
+<p>Each half set trained its own encoder and decoder on its own particles (gold standard). The decoder
+moves the neutral GMM's Gaussians (a {summary['n_coarse']}-Gaussian coarse GMM first, then every Gaussian) and
+changes their amplitudes; training maximises the band FRC between decoded projections and phase-flipped
+particles at their consensus poses.</p>
+<table>{rows}</table>
+<h2>Latent space</h2><img src="latent_pca.png" alt="PCA of the latents of each half">
+<h2>Training</h2><img src="training_curves.png" alt="training curves">
+<h2>Outputs</h2><p><code>latent.npy</code> (one row per particle, in the order of the particle file),
+<code>particles.star</code> (columns {html.escape(LATENT_COLUMN.format(k='1..L'))} and {PC1_COLUMN}),
+<code>pc1_half{{1,2}}.pdb</code> (decoded GMMs along PC1 at {', '.join(f'{t:g}' for t in TRAJECTORY_SD)} standard
+deviations: a movie in ChimeraX with <code>mseries</code>), <code>pc1_half{{1,2}}_{{minus,plus}}2sd.mrc</code>
+(maps of the decoded GMMs at the ends), <code>networks_half{{1,2}}.pt</code>, <code>summary.json</code>.</p>
+</body></html>
+"""
+    path = out / "report.html"
+    write_text_atomic(path, page)
+    return path
+
+
+def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: HeteroSettings,
+                  inputs: HeteroInputs) -> dict:
+    """Every output file of a heterogeneity job into ``out``; returns the summary."""
+    from gmmrefine.hetero.train import latent_table
+    from gmmrefine.io.particles import write_particles_star
+
+    table = latent_table(ps, results)
+    with atomic_path(out / "latent.npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, table)
+    extra = {LATENT_COLUMN.format(k=k + 1): table[:, k].astype(np.float64) for k in range(table.shape[1])}
+    pc1 = np.full(len(ps), np.nan)
+    per_half = {}
+    for h, r in sorted(results.items()):
+        scores, comps, _, var = pca(r.latents)
+        pc1[r.indices] = scores[:, 0]
+        trajectory = torch.as_tensor(pc_trajectory(r.latents))
+        gmms = r.decoder.decode_gmm(trajectory)
+        write_multimodel_pdb(gmms, out / f"pc1_half{h}.pdb", box=ps.box, apix=ps.apix)
+        for t, name in ((0, "minus2sd"), (len(gmms) - 1, "plus2sd")):
+            from gmmrefine.io.mrc import write_map
+
+            write_map(out / f"pc1_half{h}_{name}.mrc", gmms[t].render_map(ps.box, ps.apix).numpy(), ps.apix)
+        save_networks(r, settings, out / f"networks_half{h}.pt")
+        disp = (torch.stack([g.centers_A for g in gmms]) - r.decoder.centers_A).norm(dim=-1)
+        per_half[str(h)] = {
+            "n_particles": int(len(r.indices)), "n_gaussians": r.decoder.n_gaussians, "seed": r.seed,
+            "frc_neutral": float(r.frc_neutral.mean()), "frc_final": float(r.frc_final.mean()),
+            "explained_variance_fraction": (var / max(var.sum(), 1e-30)).tolist(),
+            "pc1_direction": comps[0].tolist(),
+            "pc1_rms_motion_A_at_2sd": float(disp[-1].pow(2).mean().sqrt()),
+            "pc1_max_motion_A_at_2sd": float(disp[-1].max()),
+            "seconds": r.seconds, "history": r.history,
+        }
+    extra[PC1_COLUMN] = pc1
+    write_particles_star(ps, out / "particles.star", ps.angles_deg, ps.shift_A, extra=extra,
+                         absolute_image_paths=True)
+    plot_latent_pca(results, out / "latent_pca.png")
+    plot_training_curves(results, out / "training_curves.png")
+    summary = {
+        "particles": str(inputs.particles), "gmms": {str(h): str(p) for h, p in inputs.gmms.items()},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
+        "halves": per_half,
+    }
+    write_json_atomic(out / "summary.json", summary)
+    counts = ", ".join(f"half {h}: {v['n_particles']}" for h, v in per_half.items())
+    table_rows = {"particles": f"{len(ps)} ({counts})",
+                  "latent dimension": settings.latent_dim, "epochs": settings.epochs,
+                  "FRC band": f"{settings.minres_A:g} - {settings.maxres_A:g} A",
+                  "encoder input": settings.encoder_input}
+    for h, v in per_half.items():
+        table_rows[f"half {h}: mean FRC neutral -> decoded"] = f"{v['frc_neutral']:.4f} -> {v['frc_final']:.4f}"
+        table_rows[f"half {h}: PC1 variance / RMS motion at 2 sd"] = (
+            f"{100 * v['explained_variance_fraction'][0]:.0f} % / {v['pc1_rms_motion_A_at_2sd']:.2f} A")
+    write_report(out, {"table": table_rows, "n_coarse": settings.n_coarse})
+    return summary
+
+
+def write_domain_outputs(out: Path, ps, results: dict[int, HalfResult], settings: HeteroSettings,
+                         mask: torch.Tensor) -> dict:
+    """Conformation to pose for the masked domain: per half, the domain pose of every particle from its
+    own networks, then ``particles_domain.star`` (those poses) and ``domain_half{1,2}.mrc`` (each half
+    reconstructed at them). Returns per-half statistics (also added to ``summary.json``)."""
+    from gmmrefine.geometry.rotations import euler_to_matrix, rotation_angle_deg
+    from gmmrefine.hetero.conformation import domain_poses, domain_weights
+    from gmmrefine.hetero.train import HalfStream, hetero_band
+    from gmmrefine.io.mrc import write_map
+    from gmmrefine.io.particles import write_particles_star
+    from gmmrefine.reconstruct.invert import reconstruct_halves
+
+    angles = np.array(ps.angles_deg, dtype=np.float64)
+    shifts = np.array(ps.shift_A, dtype=np.float64)
+    band = hetero_band(ps, settings)
+    info = {}
+    for h, r in sorted(results.items()):
+        dec = r.decoder
+        neutral = GaussianMixture(dec.centers_A, dec.amplitudes, dec.widths_A)
+        domain = domain_weights(neutral, mask, ps.apix)
+        stream = HalfStream(ps, r.indices, ps.angles_deg, ps.shift_A, band, settings, neutral)
+        a, s, ratio = domain_poses(stream, r.encoder, dec, domain)
+        angles[r.indices] = a.numpy()
+        shifts[r.indices] = s.numpy()
+        change = rotation_angle_deg(euler_to_matrix(torch.as_tensor(ps.angles_deg[r.indices])),
+                                    euler_to_matrix(a)).numpy()
+        info[str(h)] = {"n_domain_gaussians": int(domain.sum()), "mean_change_deg": float(change.mean()),
+                        "std_change_deg": float(change.std()), "median_rmsd_ratio": float(ratio.median())}
+        r.encoder.cpu()
+        dec.cpu()
+    write_particles_star(ps, out / "particles_domain.star", angles, shifts, absolute_image_paths=True)
+    halves = reconstruct_halves(ps, angles, shifts, device=settings.device, progress=settings.progress)
+    for h, m in zip((1, 2), halves):
+        write_map(out / f"domain_half{h}.mrc", m.cpu().numpy(), ps.apix)
+    summary_path = out / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        summary["domain"] = info
+        write_json_atomic(summary_path, summary)
+    return info

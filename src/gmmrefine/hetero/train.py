@@ -1,0 +1,485 @@
+"""Training of the heterogeneity networks, one half set at a time.
+
+For each half, independently (its own particles, its own neutral GMM, its own networks and its own
+seed ``half_seed(seed, half)``), the encoder maps every particle to a latent vector, the decoder turns
+it into a GMM, and both are trained to maximise the band FRC between the decoded GMM's projection at
+the particle's consensus pose and the phase-flipped particle. Particles are streamed in chunks of
+``settings.chunk`` (the band coefficients are kept in memory when they fit in ``cache_bytes``, so later
+epochs do not read the stack again); minibatches never mix halves.
+
+Latent regularisation, and why: with the latents left free (no noise, weight 1e-3 on their squared
+length) the training FRC kept rising after the first epochs while PC1 of the latents lost the motion
+(adk morph below, 20 epochs: |Spearman(PC1, morph fraction)| 0.32 and 0.59 in the two halves, the morph
+spread over other components): 4 free dimensions per particle fit noise and pose-dependent
+mismatch. Adding Gaussian noise (sd 0.3) to the latents during training and weighing their squared
+length by 0.01 (a fixed-variance variational encoder) gives 0.89 and 0.91 on the same data.
+
+Encoder input (``settings.encoder_input``), chosen by measurement (``benchmarks/hetero.py``, adk open
+<-> closed morph, PC1 of the latents against the true morph fraction, each half on its own):
+
+* ``"gradient"`` (default, EMAN2's): ``d FRC / d (centre, log amplitude)`` of every neutral Gaussian,
+  ``4 N`` numbers in the model frame. The pose is already "divided out", so the encoder only has to
+  learn which motion the particle asks for.
+* ``"image"``: the particle's phase-flipped band coefficients (real and imaginary parts, each particle
+  scaled to unit RMS). The encoder has to learn the projection geometry too.
+
+Measured |Spearman| (half 1 / half 2), 20 epochs, each half's GMM built from its own reconstruction:
+
+=======================================  ==========================  ==========================
+data                                     gradient                    image
+=======================================  ==========================  ==========================
+box 48, 2 A/px, SNR 0.1, 500 per half    0.89 / 0.91                 0.90 / 0.91
+box 64, 1.6 A/px, SNR 0.05, 1000/half    0.92 / 0.90, 0.91 / 0.90    0.90 / 0.90, 0.90 / 0.89
+  (two seeds; final FRC half 1)          0.4314, 0.4302              0.4275, 0.4281
+box 64, 1.6 A/px, SNR 0.02, 1000/half    0.77 / 0.75                 0.79 / 0.73
+=======================================  ==========================  ==========================
+
+The gradient is as good or slightly better (and fits the data better) where the signal allows, ties
+at very low SNR, costs the same per epoch (one extra projection and gradient per particle, once),
+and its size (4 N) follows the GMM rather than the box (the image input has ``2 P`` band pixels,
+growing with the square of the box over the resolution): it is the default.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gmmrefine.errors import InputError
+from gmmrefine.gmm.loss import frc_loss
+from gmmrefine.gmm.model import GaussianMixture
+from gmmrefine.gmm.project import FourierBand, fourier_band, project_band
+from gmmrefine.hetero.networks import Decoder, Encoder, build_decoder, half_seed, pretrain_decoder
+
+ENCODER_INPUTS = ("gradient", "image")
+HALVES = (1, 2)
+
+
+@dataclass(frozen=True)
+class HeteroSettings:
+    """Settings of the heterogeneity training.
+
+    Attributes:
+        latent_dim: length of the latent vectors.
+        epochs: passes over the half's particles in all.
+        coarse_epochs: the first epochs, in which only the 32-Gaussian coarse GMM moves (None: half
+            of ``epochs``); the rest refine the full GMM (residual displacements and amplitudes).
+        batch: particles per optimiser step.
+        lr: Adam learning rate (encoder and decoder).
+        latent_l2: weight of the mean squared latent in the loss (keeps the latent space bounded).
+        latent_noise: standard deviation of the Gaussian noise added to the latents while training
+            (with ``latent_l2``, a fixed-variance variational encoder: directions that only fit noise
+            cost more than they gain, so the latent space keeps the motions many particles share).
+        weight_decay: Adam weight decay of the encoder.
+        n_coarse: Gaussians of the coarse GMM.
+        encoder_hidden, decoder_hidden: widths of the hidden layers.
+        encoder_input: ``"gradient"`` or ``"image"`` (see the module docstring).
+        minres_A, maxres_A: FRC band (angstrom).
+        ctf: ``"flip"`` (phase-flipped particles, the paper's) or ``"full"`` (projections times CTF).
+        coarse_scale_A, fine_scale_A: displacement units of the decoder heads.
+        pretrain_steps: decoder pre-training steps.
+        chunk: particles read at a time.
+        cache_bytes: keep band coefficients and features in memory up to this size (else re-read).
+        seed: base seed; each half uses ``half_seed(seed, half)``.
+        device: torch device.
+        progress: progress bars on a terminal.
+    """
+
+    latent_dim: int = 4
+    epochs: int = 20
+    coarse_epochs: int | None = None
+    batch: int = 32
+    lr: float = 1e-3
+    latent_l2: float = 1e-2
+    latent_noise: float = 0.3
+    weight_decay: float = 0.0
+    n_coarse: int = 32
+    encoder_hidden: tuple[int, ...] = (256, 64)
+    decoder_hidden: tuple[int, ...] = (64, 128)
+    encoder_input: str = "gradient"
+    minres_A: float = 100.0
+    maxres_A: float = 8.0
+    ctf: str = "flip"
+    coarse_scale_A: float = 5.0
+    fine_scale_A: float = 1.0
+    pretrain_steps: int = 100
+    chunk: int = 20000
+    cache_bytes: float = 2e9
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.encoder_input not in ENCODER_INPUTS:
+            raise InputError(f"hetero: encoder input must be one of {ENCODER_INPUTS}, got {self.encoder_input!r}.")
+        if self.ctf not in ("flip", "full"):
+            raise InputError(f"hetero: ctf must be 'flip' or 'full', got {self.ctf!r}.")
+        if self.latent_dim < 1 or self.epochs < 1 or self.batch < 1 or self.chunk < 1:
+            raise InputError("hetero: latent dimension, epochs, batch and chunk must be >= 1.")
+        if self.coarse_epochs is not None and not (0 <= self.coarse_epochs <= self.epochs):
+            raise InputError(f"hetero: coarse epochs must be between 0 and epochs ({self.epochs}), "
+                             f"got {self.coarse_epochs}.")
+
+    @property
+    def n_coarse_epochs(self) -> int:
+        return self.epochs // 2 if self.coarse_epochs is None else int(self.coarse_epochs)
+
+
+@dataclass
+class HalfResult:
+    """What training one half produced.
+
+    Attributes:
+        half: 1 or 2.
+        seed: the half's seed.
+        indices: ``(n,)`` particle indices of the half (input order).
+        latents: ``(n, L)`` float32 latent vectors, row ``i`` for particle ``indices[i]``.
+        frc_neutral: ``(n,)`` band FRC of each particle against the neutral GMM.
+        frc_final: ``(n,)`` band FRC against its decoded GMM after training.
+        encoder, decoder: the trained networks (CPU).
+        history: per epoch ``epoch``, ``stage``, ``loss``, ``frc`` (mean training FRC), ``seconds``.
+        seconds: wall time.
+    """
+
+    half: int
+    seed: int
+    indices: np.ndarray
+    latents: np.ndarray
+    frc_neutral: np.ndarray
+    frc_final: np.ndarray
+    encoder: Encoder
+    decoder: Decoder
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Particles of one half, streamed
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Chunk:
+    rows: torch.Tensor          # (b,) positions within the half
+    target: torch.Tensor        # (b, P) complex64 band coefficients
+    rotations: torch.Tensor     # (b, 3, 3)
+    translation_px: torch.Tensor  # (b, 2)
+    ctf: torch.Tensor | None    # (b, P) CTF for settings.ctf == "full"
+    features: torch.Tensor | None = None  # (b, F) encoder input
+    frc_neutral: torch.Tensor | None = None  # (b,) FRC against the neutral GMM
+
+
+class HalfStream:
+    """The band coefficients, consensus poses and encoder inputs of one half's particles, chunk by chunk.
+
+    Everything is kept in memory after the first pass when it fits in ``settings.cache_bytes``;
+    otherwise every pass reads the images again and recomputes the encoder inputs (about one more
+    projection and gradient per particle and epoch), so memory stays at one chunk whatever the size
+    of the data set.
+
+    Args:
+        ps: :class:`~gmmrefine.io.particles.ParticleSet`.
+        indices: ``(n,)`` the half's particle indices (input order).
+        angles_deg, shift_A: ``(N, 3)``, ``(N, 2)`` consensus poses of all particles.
+        band: Fourier pixels compared.
+        settings: chunk size, CTF handling, encoder input, cache size and device.
+        neutral: the half's neutral GMM (needed for the ``"gradient"`` encoder input).
+    """
+
+    def __init__(self, ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray, band: FourierBand,
+                 settings: HeteroSettings, neutral: GaussianMixture | None = None):
+        self.ps = ps
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.angles_deg = np.asarray(angles_deg, dtype=np.float64)
+        self.shift_A = np.asarray(shift_A, dtype=np.float64)
+        self.band = band
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.neutral = None if neutral is None else neutral.detach().to(device=self.device, dtype=torch.float32)
+        if settings.encoder_input == "gradient" and self.neutral is None:
+            raise ValueError("HalfStream: the gradient encoder input needs the neutral GMM")
+        n_feat = 2 * band.n_pixels if self.neutral is None else n_features(self.neutral, band, settings.encoder_input)
+        per_particle = band.n_pixels * 8 * (2 if settings.ctf == "full" else 1) + 4 * n_feat + 64
+        self._cache: list[_Chunk] | None = None
+        self._cacheable = len(self.indices) * per_particle <= settings.cache_bytes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _read(self):
+        from gmmrefine.fourier.ctf import ctf_for_box
+        from gmmrefine.geometry.rotations import euler_to_matrix
+        from gmmrefine.geometry.shifts import image_translation_px
+        from gmmrefine.io.particles import iter_image_chunks
+        from gmmrefine.refine.poses import particle_band
+
+        ps, dev, band = self.ps, self.device, self.band
+        position = np.empty(len(ps), dtype=np.int64)
+        position[self.indices] = np.arange(len(self.indices))
+        for idx, images in iter_image_chunks(ps, self.indices, self.settings.chunk):
+            img = torch.from_numpy(images).to(dev)
+            ctf = ctf_for_box(ps.box, ps.apix, **ps.ctf.as_tensors(idx, device=dev)).to(dev, torch.float32)
+            if self.settings.ctf == "full":
+                target, ctf_band = particle_band(img, band), band.gather(ctf)
+            else:
+                target, ctf_band = particle_band(img, band, ctf), None
+            rot = euler_to_matrix(torch.as_tensor(self.angles_deg[idx], device=dev)).to(torch.float32)
+            t = image_translation_px(torch.as_tensor(self.shift_A[idx], device=dev), ps.apix).to(torch.float32)
+            chunk = _Chunk(torch.as_tensor(position[idx], device=dev), target, rot, t, ctf_band)
+            chunk.features, chunk.frc_neutral = chunk_features(chunk, self.neutral, band, self.settings)
+            yield chunk
+
+    def chunks(self):
+        """Yield :class:`_Chunk` s covering the half in input order (from memory after the first pass)."""
+        if self._cache is not None:
+            yield from self._cache
+            return
+        kept = [] if self._cacheable else None
+        for c in self._read():
+            if kept is not None:
+                kept.append(c)
+            yield c
+        if kept is not None:
+            self._cache = kept
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder input
+# ------------------------------------------------------------------------------------------------
+
+def decoded_frc(centers_A: torch.Tensor, amplitudes: torch.Tensor, widths_A: torch.Tensor, chunk: _Chunk,
+                sl: slice | torch.Tensor, band: FourierBand) -> torch.Tensor:
+    """``(b,)`` band FRC of particles ``sl`` of ``chunk`` against GMMs with per-particle (or shared)
+    centres ``(b, N, 3)`` / ``(N, 3)`` and amplitudes at their consensus poses."""
+    proj = project_band(centers_A, amplitudes, widths_A, chunk.rotations[sl], chunk.translation_px[sl], band)
+    if chunk.ctf is not None:
+        proj = proj * chunk.ctf[sl]
+    return frc_loss(proj, chunk.target[sl], band.ring_index, band.n_rings)
+
+
+def frc_gradient_features(neutral: GaussianMixture, chunk: _Chunk, sl: slice, band: FourierBand) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """EMAN2's encoder input: the gradient of each particle's FRC with respect to the neutral GMM.
+
+    Returns:
+        ``(features (b, 4 N), frc (b,))``: per Gaussian ``d FRC / d centre`` (x, y, z; 1/A) then
+        ``d FRC / d log amplitude``, and the FRC itself.
+    """
+    b = chunk.rotations[sl].shape[0]
+    centers = neutral.centers_A.detach()[None].expand(b, -1, -1).clone().requires_grad_(True)
+    log_amp = torch.zeros(b, neutral.n, dtype=centers.dtype, device=centers.device, requires_grad=True)
+    with torch.enable_grad():
+        frc = decoded_frc(centers, neutral.amplitudes.detach() * torch.exp(log_amp), neutral.widths_A.detach(),
+                          chunk, sl, band)
+        g_c, g_a = torch.autograd.grad(frc.sum(), [centers, log_amp])
+    return torch.cat([g_c.flatten(1), g_a], 1).detach(), frc.detach()
+
+
+def image_features(chunk: _Chunk, sl: slice) -> torch.Tensor:
+    """The alternative encoder input: ``(b, 2 P)`` band coefficients (re, im), unit RMS per particle."""
+    x = chunk.target[sl]
+    x = torch.cat([x.real, x.imag], 1)
+    return x / x.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-30)
+
+
+def n_features(neutral: GaussianMixture, band: FourierBand, encoder_input: str) -> int:
+    return 4 * neutral.n if encoder_input == "gradient" else 2 * band.n_pixels
+
+
+def chunk_features(chunk: _Chunk, neutral: GaussianMixture | None, band: FourierBand,
+                   settings: HeteroSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encoder inputs of a chunk, in batches of ``4 * settings.batch``.
+
+    Returns:
+        ``(features (b, F) float32, frc_neutral (b,) or None without a neutral GMM)``.
+    """
+    step = max(4 * settings.batch, 1)
+    feats, frcs = [], []
+    for s in range(0, chunk.rows.shape[0], step):
+        sl = slice(s, s + step)
+        if settings.encoder_input == "gradient":
+            f, frc = frc_gradient_features(neutral, chunk, sl, band)
+        else:
+            f = image_features(chunk, sl)
+            frc = None
+            if neutral is not None:
+                with torch.no_grad():
+                    frc = decoded_frc(neutral.centers_A, neutral.amplitudes, neutral.widths_A, chunk, sl, band)
+        feats.append(f)
+        frcs.append(frc)
+    return torch.cat(feats), (None if frcs[0] is None else torch.cat(frcs))
+
+
+def compute_features(stream: HalfStream) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder inputs of every particle of the half, in half order (tests and small data only: this
+    holds them all in memory).
+
+    Returns:
+        ``(features (n, F), frc_neutral (n,))``.
+    """
+    feats, frcs = [], []
+    for c in stream.chunks():
+        feats.append(c.features)
+        frcs.append(c.frc_neutral)
+    return torch.cat(feats), torch.cat(frcs)
+
+
+def feature_statistics(stream: HalfStream) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over the half: per-feature mean and standard deviation (float64 sums) and the FRC of
+    every particle against the neutral GMM.
+
+    Returns:
+        ``(mean (F,), std (F,), frc_neutral (n,))`` on the CPU, float32.
+    """
+    total = sq = None
+    count = 0
+    frc0 = torch.zeros(len(stream))
+    for c in stream.chunks():
+        f = c.features.to(torch.float64)
+        total = f.sum(0) if total is None else total + f.sum(0)
+        sq = (f * f).sum(0) if sq is None else sq + (f * f).sum(0)
+        count += f.shape[0]
+        frc0[c.rows.cpu()] = c.frc_neutral.cpu()
+    mean = total / count
+    var = (sq - count * mean * mean).clamp_min(0.0) / max(count - 1, 1)
+    std = var.sqrt() if count > 1 else torch.ones_like(mean)
+    return mean.cpu().float(), std.cpu().float(), frc0
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+def _latents(encoder: Encoder, decoder: Decoder, stream: HalfStream, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(latents (n, L), frc (n,))`` of every particle with the current networks."""
+    n = len(stream)
+    z_all = torch.zeros(n, encoder.net[-1].out_features, device=stream.device)
+    frc_all = torch.zeros(n, device=stream.device)
+    with torch.no_grad():
+        for c in stream.chunks():
+            for s in range(0, c.rows.shape[0], batch):
+                sl = slice(s, s + batch)
+                rows = c.rows[sl]
+                z = encoder(c.features[sl])
+                centers, amps = decoder(z)
+                z_all[rows] = z
+                frc_all[rows] = decoded_frc(centers, amps, decoder.widths_A, c, sl, stream.band)
+    return z_all, frc_all
+
+
+def train_half(stream: HalfStream, settings: HeteroSettings, *, half: int, seed: int) -> HalfResult:
+    """Train the encoder and decoder of one half set on its particles.
+
+    Args:
+        stream: the half's particles and its neutral GMM (``stream.neutral``).
+        settings: training settings.
+        half: 1 or 2 (labels only).
+        seed: the half's seed (:func:`~gmmrefine.hetero.networks.half_seed`).
+
+    Returns:
+        :class:`HalfResult`.
+    """
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    dev = stream.device
+    band = stream.band
+    neutral = stream.neutral
+    if neutral is None:
+        raise ValueError("train_half: the stream has no neutral GMM")
+    gen = torch.Generator().manual_seed(int(seed))
+    mean, std, frc_neutral = feature_statistics(stream)
+    encoder = Encoder(mean.shape[0], settings.latent_dim, settings.encoder_hidden, gen)
+    encoder.set_normalisation(mean, std)
+    decoder = build_decoder(neutral, settings.latent_dim, n_coarse=settings.n_coarse, hidden=settings.decoder_hidden,
+                            seed=int(seed) % (2**31), generator=gen, coarse_scale_A=settings.coarse_scale_A,
+                            fine_scale_A=settings.fine_scale_A)
+    pretrain_decoder(decoder, gen, steps=settings.pretrain_steps)
+    encoder.to(dev)
+    decoder.to(dev)
+    opt = torch.optim.Adam([{"params": list(encoder.parameters()), "weight_decay": settings.weight_decay},
+                            {"params": decoder.stage_parameters("full")}], lr=settings.lr)
+    history: list[dict] = []
+    n = len(stream)
+    bar = tqdm(total=settings.epochs * n, desc=f"hetero half {half}", unit="particle",
+               disable=None if settings.progress else True)
+    try:
+        for epoch in range(settings.epochs):
+            t0 = time.perf_counter()
+            decoder.set_stage("coarse" if epoch < settings.n_coarse_epochs else "full")
+            sum_loss = sum_frc = 0.0
+            for c in stream.chunks():
+                order = torch.randperm(c.rows.shape[0], generator=gen).to(dev)
+                for s in range(0, order.shape[0], settings.batch):
+                    sel = order[s:s + settings.batch]
+                    z = encoder(c.features[sel])
+                    if settings.latent_noise > 0:
+                        z_used = z + settings.latent_noise * torch.randn(z.shape, generator=gen).to(dev)
+                    else:
+                        z_used = z
+                    centers, amps = decoder(z_used)
+                    frc = decoded_frc(centers, amps, decoder.widths_A, c, sel, band)
+                    loss = -frc.mean() + settings.latent_l2 * (z * z).sum(1).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sum_loss += float(loss.detach()) * sel.shape[0]
+                    sum_frc += float(frc.detach().sum())
+                    bar.update(sel.shape[0])
+            history.append({"epoch": epoch + 1, "stage": decoder.stage, "loss": sum_loss / n, "frc": sum_frc / n,
+                            "seconds": time.perf_counter() - t0})
+    finally:
+        bar.close()
+    encoder.eval()
+    decoder.eval()
+    latents, frc_final = _latents(encoder, decoder, stream, 4 * settings.batch)
+    return HalfResult(half=half, seed=int(seed), indices=stream.indices, latents=latents.cpu().numpy(),
+                      frc_neutral=frc_neutral.cpu().numpy(), frc_final=frc_final.cpu().numpy(),
+                      encoder=encoder.cpu(), decoder=decoder.cpu(), history=history,
+                      seconds=time.perf_counter() - t_start)
+
+
+def hetero_band(ps, settings: HeteroSettings) -> FourierBand:
+    """The FRC band of the settings for the particle set's box and pixel size."""
+    return fourier_band(ps.box, ps.apix, settings.minres_A, settings.maxres_A, device=torch.device(settings.device))
+
+
+def train_halves(ps, neutral: dict[int, GaussianMixture], settings: HeteroSettings, *,
+                 angles_deg: np.ndarray | None = None, shift_A: np.ndarray | None = None,
+                 halves: tuple[int, ...] = HALVES) -> dict[int, HalfResult]:
+    """Train each half independently (its own GMM ``neutral[h]``, particles, networks and seed).
+
+    Args:
+        ps: the particle set (``ps.subset`` gives the halves).
+        neutral: ``{half: GaussianMixture}`` consensus GMM of each half.
+        settings: training settings (``settings.seed`` is the base seed).
+        angles_deg, shift_A: ``(N, 3)``, ``(N, 2)`` consensus poses (default: those of ``ps``).
+        halves: which halves to train.
+
+    Returns:
+        ``{half: HalfResult}``.
+    """
+    angles = ps.angles_deg if angles_deg is None else angles_deg
+    shifts = ps.shift_A if shift_A is None else shift_A
+    band = hetero_band(ps, settings)
+    out = {}
+    for h in halves:
+        indices = ps.half(h)
+        if len(indices) == 0:
+            raise InputError(f"{ps.path}: half set {h} has no particles; heterogeneity analysis trains each "
+                             "half on its own particles (rlnRandomSubset 1 and 2).", path=str(ps.path),
+                             field="rlnRandomSubset")
+        stream = HalfStream(ps, indices, angles, shifts, band, settings, neutral[h])
+        out[h] = train_half(stream, settings, half=h, seed=half_seed(settings.seed, h))
+    return out
+
+
+def latent_table(ps, results: dict[int, HalfResult]) -> np.ndarray:
+    """``(N, L)`` float32 latents in the particle-table order (NaN for particles of untrained halves)."""
+    dim = next(iter(results.values())).latents.shape[1]
+    out = np.full((len(ps), dim), np.nan, dtype=np.float32)
+    for r in results.values():
+        out[r.indices] = r.latents
+    return out

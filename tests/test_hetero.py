@@ -1,0 +1,172 @@
+"""Heterogeneity networks and training: decoder construction, continuous motion (adk open <-> closed
+morph) found in each half independently, and the gold standard (half 1 ignores half 2's data)."""
+
+from __future__ import annotations
+
+import shutil
+
+import mrcfile
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from gmmrefine.cli.main import main as cli_main
+from gmmrefine.fourier.filters import low_pass
+from gmmrefine.gmm.build import build_gmm
+from gmmrefine.gmm.model import GaussianMixture
+from gmmrefine.gmm.project import fourier_band
+from gmmrefine.hetero.networks import (blend_weights, build_decoder, coarse_clusters, half_seed, pca,
+                                       pretrain_decoder)
+from gmmrefine.hetero.train import (HalfStream, HeteroSettings, frc_gradient_features, latent_table,
+                                    train_halves)
+from gmmrefine.io.particles import read_particles
+from gmmrefine.io.star import read_star
+from gmmrefine.reconstruct.invert import reconstruct_halves
+
+# The morph test's data: SNR 0.1 (signal variance over the box of the CTF-modulated images / noise
+# variance), box 48 at 2 A/px, 1,000 particles (~500 per half), FRC band 100-8 A.
+SNR = 0.1
+RESOLUTION_A = 8.0
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Run these many small tensor ops on one thread, restoring the setting afterwards: on the shared
+    2-core machine two OpenMP threads spin at every barrier when the other core is busy (measured:
+    this file's CPU time grew ~20x with 2 threads under load, results identical)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _toy_gmm(n: int = 60, seed: int = 0) -> GaussianMixture:
+    g = torch.Generator().manual_seed(seed)
+    return GaussianMixture(torch.randn(n, 3, generator=g) * 10.0, 1.0 + torch.rand(n, generator=g),
+                           2.0 + torch.rand(n, generator=g))
+
+
+def test_decoder_zero_latent_is_neutral_and_pretraining_keeps_latents_near_it():
+    neutral = _toy_gmm()
+    gen = torch.Generator().manual_seed(3)
+    dec = build_decoder(neutral, 4, n_coarse=8, seed=1, generator=gen)
+    z = torch.randn(16, 4, generator=torch.Generator().manual_seed(9))
+    before = dec.deformation(z)[0].pow(2).sum(-1).mean().sqrt().item()
+    rms = pretrain_decoder(dec, gen, steps=300, target_rms_A=0.05)
+    after = dec.deformation(z)[0].pow(2).sum(-1).mean().sqrt().item()
+    assert before > 0.5                      # a random decoder moves Gaussians by angstroms
+    assert rms < 0.05 and after < 0.2        # pre-trained: near neutral for |z| ~ 1
+    for stage in ("coarse", "full"):
+        dec.set_stage(stage)
+        centers, amps = dec(torch.zeros(3, 4))
+        assert torch.equal(centers, neutral.centers_A.expand(3, -1, -1))
+        assert torch.equal(amps, neutral.amplitudes.expand(3, -1))
+
+
+def test_coarse_gmm_and_blend_weights():
+    neutral = _toy_gmm(80)
+    labels, coarse = coarse_clusters(neutral, 32, seed=0)
+    assert coarse.shape == (32, 3) and set(labels.tolist()) == set(range(32))
+    w = blend_weights(neutral.centers_A, coarse)
+    assert w.shape == (80, 32)
+    assert torch.allclose(w.sum(1), torch.ones(80), atol=1e-6)
+    # A uniform coarse displacement moves every Gaussian by exactly that displacement.
+    shift = torch.tensor([1.0, -2.0, 3.0])
+    assert torch.allclose(w @ shift.expand(32, 3), shift.expand(80, 3), atol=1e-5)
+    # Each Gaussian follows its own cluster's centre most.
+    assert (w.argmax(1) == labels).float().mean() > 0.9
+
+
+def test_half_seeds_and_pca_are_deterministic():
+    assert half_seed(0, 1) == half_seed(0, 1) != half_seed(0, 2) != half_seed(1, 2)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4)) * np.array([5.0, 2.0, 1.0, 0.1])
+    scores, comps, mean, var = pca(x)
+    assert np.all(np.diff(var) <= 0) and abs(abs(comps[0, 0]) - 1) < 0.02
+    assert np.allclose(scores @ comps + mean, x)
+    assert np.allclose(pca(-x)[1], comps)   # signs are fixed by the component, not the data
+
+
+@pytest.fixture(scope="module")
+def morph_data(tmp_path_factory, adk_open_pdb, adk_closed_pdb):
+    """adk morph particles and, per half, a GMM built from that half's own reconstruction."""
+    root = tmp_path_factory.mktemp("hetero")
+    sim = root / "sim"
+    assert cli_main(["simulate", "--model", str(adk_open_pdb), "--model2", str(adk_closed_pdb), "--out", str(sim),
+                     "--n", "1000", "--box", "48", "--apix", "2.0", "--snr", str(SNR), "--seed", "3",
+                     "--device", "cpu"]) == 0
+    ps = read_particles(sim / "particles.star")
+    halves = reconstruct_halves(ps, progress=False)
+    gmms = {}
+    for h, half_map in zip((1, 2), halves):
+        gmm, _ = build_gmm(low_pass(half_map, RESOLUTION_A, ps.apix), ps.apix, RESOLUTION_A, seed=h)
+        gmms[h] = gmm
+        gmm.save(sim / f"gmm_half{h}.npz")
+    fraction = read_star(sim / "truth.star")["particles"]["gmmMorphFraction"].to_numpy()
+    return sim, ps, gmms, fraction
+
+
+def test_frc_gradient_features_point_uphill(morph_data):
+    _, ps, gmms, _ = morph_data
+    settings = HeteroSettings(progress=False, maxres_A=RESOLUTION_A)
+    band = fourier_band(ps.box, ps.apix, settings.minres_A, settings.maxres_A)
+    stream = HalfStream(ps, ps.half(1)[:32], ps.angles_deg, ps.shift_A, band, settings, gmms[1])
+    chunk = next(stream.chunks())
+    neutral = gmms[1]
+    feats, frc = frc_gradient_features(neutral, chunk, slice(0, 32), band)
+    assert feats.shape == (32, 4 * neutral.n)
+    # A small step of each particle's centres along its own gradient raises its FRC (first order).
+    step = 0.05 / feats[:, :3 * neutral.n].abs().max()
+    moved = neutral.centers_A[None] + step * feats[:, :3 * neutral.n].view(32, neutral.n, 3)
+    from gmmrefine.hetero.train import decoded_frc
+
+    frc_moved = decoded_frc(moved, neutral.amplitudes, neutral.widths_A, chunk, slice(0, 32), band)
+    assert (frc_moved > frc).all()
+
+
+def test_continuous_motion_pc1_follows_morph_fraction_in_each_half(morph_data):
+    sim, ps, gmms, fraction = morph_data
+    settings = HeteroSettings(epochs=20, maxres_A=RESOLUTION_A, progress=False, seed=0)
+    results = train_halves(ps, gmms, settings)
+    table = latent_table(ps, results)
+    assert table.shape == (len(ps), 4) and np.isfinite(table).all()
+    for h, r in results.items():
+        assert np.array_equal(r.indices, ps.half(h))
+        pc1 = pca(r.latents)[0][:, 0]
+        rho = spearmanr(pc1, fraction[r.indices])[0]
+        print(f"half {h}: Spearman(PC1, morph fraction) = {rho:.3f}, FRC {r.frc_neutral.mean():.4f} -> "
+              f"{r.frc_final.mean():.4f}")
+        assert abs(rho) >= 0.8
+        assert r.frc_final.mean() > r.frc_neutral.mean() + 0.02
+
+
+def test_gold_standard_half1_is_bit_identical_when_only_half2_changes(morph_data, tmp_path):
+    sim, ps, gmms, _ = morph_data
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(sim / "particles.star", other / "particles.star")
+    shutil.copy(sim / "particles.mrcs", other / "particles.mrcs")
+    with mrcfile.open(other / "particles.mrcs", mode="r+") as m:
+        rows = ps.image_index[ps.half(2)]
+        m.data[rows] = np.random.default_rng(1).normal(size=(len(rows), ps.box, ps.box)).astype(np.float32)
+    ps2 = read_particles(other / "particles.star")
+    settings = HeteroSettings(epochs=3, maxres_A=RESOLUTION_A, progress=False, seed=7)
+    a = train_halves(ps, gmms, settings)
+    b = train_halves(ps2, gmms, settings)
+    assert np.array_equal(a[1].latents, b[1].latents)
+    for net in ("encoder", "decoder"):
+        sa, sb = getattr(a[1], net).state_dict(), getattr(b[1], net).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not np.array_equal(a[2].latents, b[2].latents)
+
+
+def test_streaming_without_cache_gives_the_same_networks(morph_data):
+    """Chunks re-read and encoder inputs recomputed every epoch (data larger than memory) give the
+    same result as keeping them in memory."""
+    _, ps, gmms, _ = morph_data
+    base = dict(epochs=2, maxres_A=RESOLUTION_A, progress=False, seed=2, chunk=128)
+    cached = train_halves(ps, gmms, HeteroSettings(**base), halves=(1,))[1]
+    streamed = train_halves(ps, gmms, HeteroSettings(**base, cache_bytes=0), halves=(1,))[1]
+    assert np.array_equal(cached.latents, streamed.latents)
+    assert np.array_equal(cached.frc_neutral, streamed.frc_neutral)

@@ -1,0 +1,148 @@
+"""``gmmrefine hetero`` end to end on a tiny simulated data set: outputs, row order, --job input, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gemmi
+import numpy as np
+import pytest
+import torch
+
+from gmmrefine.cli.main import main as cli_main
+from gmmrefine.gmm.build import build_gmm
+from gmmrefine.hetero.outputs import load_networks
+from gmmrefine.hetero.train import HalfStream, HeteroSettings, compute_features, hetero_band
+from gmmrefine.io.mrc import read_map
+from gmmrefine.io.particles import read_particles
+from gmmrefine.io.star import read_star
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Run these many small tensor ops on one thread, restoring the setting afterwards: on the shared
+    2-core machine two OpenMP threads spin at every barrier when the other core is busy (measured:
+    this file's CPU time grew ~20x with 2 threads under load, results identical)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, adk_open_pdb, adk_closed_pdb):
+    root = tmp_path_factory.mktemp("hetero_cli")
+    sim = root / "sim"
+    assert cli_main(["simulate", "--model", str(adk_open_pdb), "--model2", str(adk_closed_pdb), "--out", str(sim),
+                     "--n", "120", "--box", "40", "--apix", "2.4", "--snr", "0.1", "--seed", "1",
+                     "--device", "cpu"]) == 0
+    volume, apix = read_map(sim / "truth_map.mrc")
+    gmm, _ = build_gmm(volume, apix, 9.6, seed=0, steps=60)
+    for h in (1, 2):
+        gmm.save(sim / f"gmm_half{h}.npz")
+    out = root / "hj"
+    rc = cli_main(["hetero", "--particles", str(sim / "particles.star"), "--gmm1", str(sim / "gmm_half1.npz"),
+                   "--gmm2", str(sim / "gmm_half2.npz"), "--out", str(out), "--epochs", "2", "--latent-dim", "3"])
+    assert rc == 0
+    return root, sim, out, gmm
+
+
+def test_outputs_and_row_order(data):
+    root, sim, out, gmm = data
+    for name in ("latent.npy", "particles.star", "latent_pca.png", "training_curves.png", "pc1_half1.pdb",
+                 "pc1_half2.pdb", "pc1_half1_minus2sd.mrc", "pc1_half2_plus2sd.mrc", "networks_half1.pt",
+                 "summary.json", "report.html"):
+        assert (out / name).is_file(), name
+    ps = read_particles(sim / "particles.star")
+    latent = np.load(out / "latent.npy")
+    assert latent.shape == (len(ps), 3) and latent.dtype == np.float32 and np.isfinite(latent).all()
+    star = read_star(out / "particles.star")["particles"]
+    for k in range(3):
+        assert np.allclose(star[f"gmmLatent{k + 1}"].to_numpy(), latent[:, k], atol=1e-6)
+    assert np.array_equal(star["rlnRandomSubset"].to_numpy(), ps.subset)
+    # Row i of latent.npy is particle i: re-encode half 2 with the saved encoder.
+    summary = json.loads((out / "summary.json").read_text())
+    settings = HeteroSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["settings"].items()})
+    enc, dec = load_networks(out / "networks_half2.pt")
+    idx = ps.half(2)
+    stream = HalfStream(ps, idx, ps.angles_deg, ps.shift_A, hetero_band(ps, settings), settings, gmm)
+    feats, _ = compute_features(stream)
+    with torch.no_grad():
+        z = enc(feats).numpy()
+    assert np.allclose(z, latent[idx], atol=1e-5)
+    # The multi-model PDB: 7 frames along PC1, each with every Gaussian; the decoder's zero latent is neutral.
+    st = gemmi.read_structure(str(out / "pc1_half1.pdb"))
+    assert len(st) == 7 and all(m.count_atom_sites() == gmm.n for m in st)
+    centers, _ = dec(torch.zeros(1, 3))
+    assert torch.allclose(centers[0], gmm.centers_A, atol=1e-5)
+    assert summary["halves"]["1"]["n_particles"] + summary["halves"]["2"]["n_particles"] == len(ps)
+
+
+def test_job_folder_input(data, tmp_path):
+    root, sim, out, _ = data
+    job = tmp_path / "job"
+    (job / "final").mkdir(parents=True)
+    (job / "it001").mkdir()
+    (job / "it002").mkdir()
+    shutil.copy(sim / "particles.star", job / "final" / "particles.star")
+    shutil.copy(sim / "particles.mrcs", job / "final" / "particles.mrcs")
+    for h in (1, 2):
+        shutil.copy(sim / f"gmm_half{h}.npz", job / "it002" / f"gmm_half{h}.npz")
+    (job / "it001" / "gmm_half1.npz").write_bytes(b"not a GMM")  # older iteration: must not be used
+    (job / "final" / "summary.json").write_text(json.dumps({"resolution_final_A": 12.0}))
+    hj = tmp_path / "hj"
+    assert cli_main(["hetero", "--job", str(job), "--out", str(hj), "--epochs", "1"]) == 0
+    summary = json.loads((hj / "summary.json").read_text())
+    assert summary["settings"]["maxres_A"] == 12.0
+    assert summary["gmms"]["1"].endswith("it002/gmm_half1.npz")
+    assert np.load(hj / "latent.npy").shape == (120, 4)
+
+
+def test_bad_input_exits_2_and_writes_nothing(data, tmp_path, capsys):
+    root, sim, out, _ = data
+    hj = tmp_path / "hj"
+    cases = [
+        ["--particles", str(sim / "particles.star"), "--gmm1", str(sim / "missing.npz"), "--gmm2",
+         str(sim / "gmm_half2.npz")],
+        ["--particles", str(sim / "particles.star"), "--gmm1", str(sim / "gmm_half1.npz")],
+        ["--job", str(root), "--particles", str(sim / "particles.star")],
+        ["--job", str(tmp_path / "nojob")],
+        ["--particles", str(sim / "particles.star"), "--gmm1", str(sim / "gmm_half1.npz"), "--gmm2",
+         str(sim / "gmm_half2.npz"), "--maxres", "3"],
+    ]
+    for extra in cases:
+        assert cli_main(["hetero", *extra, "--out", str(hj)]) == 2
+        assert not hj.exists()
+    assert cli_main(["hetero", "--particles", str(sim / "particles.star"), "--gmm1", str(sim / "gmm_half1.npz"),
+                     "--gmm2", str(sim / "gmm_half2.npz"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err
+
+
+def test_mask_gives_domain_poses_and_maps(data, tmp_path):
+    from gmmrefine.geometry.rotations import euler_to_matrix, rotation_angle_deg
+    from gmmrefine.io.mrc import write_map
+
+    root, sim, out, gmm = data
+    ps = read_particles(sim / "particles.star")
+    mask = np.zeros((ps.box,) * 3, dtype=np.float32)
+    mask[:, :, ps.box // 2:] = 1.0
+    write_map(tmp_path / "mask.mrc", mask, ps.apix)
+    write_map(tmp_path / "small.mrc", mask[:8, :8, :8], ps.apix)
+    base = ["hetero", "--particles", str(sim / "particles.star"), "--gmm1", str(sim / "gmm_half1.npz"),
+            "--gmm2", str(sim / "gmm_half2.npz"), "--epochs", "1"]
+    assert cli_main([*base, "--mask", str(tmp_path / "small.mrc"), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+    hj = tmp_path / "hj"
+    assert cli_main([*base, "--mask", str(tmp_path / "mask.mrc"), "--out", str(hj)]) == 0
+    for name in ("particles_domain.star", "domain_half1.mrc", "domain_half2.mrc"):
+        assert (hj / name).is_file()
+    dom = read_particles(hj / "particles_domain.star")
+    change = rotation_angle_deg(euler_to_matrix(torch.as_tensor(dom.angles_deg)),
+                                euler_to_matrix(torch.as_tensor(ps.angles_deg))).numpy()
+    # 30 Adam steps at lr 1e-3 (2 rad per unit) move each rotation component by at most ~3.4 degrees.
+    assert np.isfinite(change).all() and change.max() < 6.0
+    summary = json.loads((hj / "summary.json").read_text())
+    # Trilinear sampling: the mask exceeds 0.5 from half a voxel left of its edge.
+    assert summary["domain"]["1"]["n_domain_gaussians"] == int((gmm.centers_A[:, 0] > -0.5 * ps.apix).sum())
