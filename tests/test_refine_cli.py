@@ -29,7 +29,7 @@ def _refine(star: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 def runs(tmp_path_factory, adk_open_pdb):
     root = tmp_path_factory.mktemp("refine")
     sim = root / "sim"
-    assert cli_main(["simulate", "--model", str(adk_open_pdb), "--n", "160", "--box", "48", "--apix", "2.0",
+    assert cli_main(["simulate", "--model", str(adk_open_pdb), "--n", "320", "--box", "48", "--apix", "2.0",
                      "--snr", "0.2", "--origin-sigma-px", "1", "--perturb-deg", "4", "--perturb-A", "1", "--seed", "1", "--out", str(sim)]) == 0
     # The same data with every half-2 image changed (more noise): half 1 must not notice.
     sim2 = root / "sim_odd_changed"
@@ -131,7 +131,8 @@ def test_relion_reconstruct_of_final_star_matches_our_half_map(runs, tmp_path):
     theirs = torch.as_tensor(read_map(tmp_path / "h1.mrc")[0])
     fsc = fourier_shell_correlation(ours, theirs)
     box = ours.shape[-1]
-    # Measured: 200 particles per half (box 64): >= 0.997 up to 0.9 Nyquist. These 80 per half leave
-    # sparsely sampled Fourier voxels where the two inversions differ most: one shell at 0.986.
+    # Measured with these 160 particles per half: >= 0.998 up to 0.9 Nyquist. (With 80 per half,
+    # sparsely sampled Fourier voxels near CTF zeros drop single shells to ~0.98: the two programs'
+    # regularised divisions differ most where few samples land.)
     shells = fsc[1: int(0.9 * box // 2)]
-    assert shells.median() >= 0.995 and shells.min() >= 0.98, fsc
+    assert shells.min() >= 0.99, fsc
