@@ -1,36 +1,23 @@
-"""Accuracy of `gmmrefine refine` on simulated adk data against the truth, and its noise floor.
+"""Accuracy and speed of `gmmrefine refine` on simulated adk data, against the truth, its noise floor
+and `relion_refine_mpi` local refinement from the same poses, in one run.
 
-    python benchmarks/refine.py --out /tmp/bench_refine [--n 2000 --box 96 --apix 1.5 --snr 0.05
-                                 --iterations 3 --relion]
+    python benchmarks/refine.py --out /tmp/bench_refine [--n 2000 --box 96 --apix 1.2 --snr 0.1
+                                 --iterations 3 --floor-n 500 --relion]
 
-1. Simulates adk (bundled model) with poses perturbed by 4 degrees and 1 A (`gmmrefine simulate`).
-2. Floor: GMM of the noise-free truth map (at the band limit the refinement reached), the same pose
-   optimiser started from the true poses, run for as many iterations: the pose error noise alone causes.
-3. `gmmrefine refine` from the perturbed poses; per iteration: mean angular and shift error against the
-   truth, gold-standard resolution, FSC of the average map to the truth map (resolution at FSC 0.5).
+1. Simulates adk (bundled model) with poses perturbed by exactly 4 degrees and 1 A (`gmmrefine simulate`).
+2. `gmmrefine refine` from the perturbed poses; per iteration: mean angular and shift error against the
+   truth, gold-standard resolution, resolution of the FSC of the half-map average to the truth map
+   (FSC 0.5), the same inside a soft mask of the truth map, and wall time.
+3. Floor: the same pose optimiser, started from the true poses, against a GMM of the noise-free truth
+   map built at the band the refinement reached, for as many iterations (on ``--floor-n`` particles):
+   the pose error that noise alone leaves.
 4. The fraction of the gap (start error - floor) closed after each iteration.
-5. With --relion: `relion_refine_mpi` local refinement (``RELION_OPTIONS``) from the same poses, with
-   our start map low-passed to 8 A as reference, on the same 2 cores; the same measures and wall time.
+5. With --relion: `relion_refine_mpi` local refinement (``RELION_OPTIONS``: the settings a RELION user
+   would pick for a local refinement of a consensus) from the same poses, with our start map
+   low-passed to 8 A as reference, 3 MPI ranks on the same 2 cores; its wall time per iteration (from the
+   times its iteration files appear), total time, final pose error and FSC to the truth (plain and masked).
 
-Writes ``results.json`` in ``--out`` and prints a table.
-
-Measured 2026-11-24 on the shared 2-core machine (load 5-7 from other jobs, so times are rough), adk,
-1,000 particles, box 64 at 1.8 A/px (Nyquist 3.6 A), poses 4 degrees / 1 A off, defaults (10 steps,
-lr 1e-3, batch 16), ``--gmm-steps 60``:
-
-* SNR 0.3: floor (oracle) 0.85 / 0.74 / 0.70 degrees after 1 / 2 / 3 iterations. Refinement: angular
-  error 4.00 -> 2.69 -> 1.46 -> 0.87 degrees (95 % of the gap to the floor closed in 3 iterations),
-  shift error 1.00 -> 0.22 -> 0.14 -> 0.14 A (99 %), gold-standard 4.32 -> 3.63 -> 3.60 -> 3.60 A
-  (Nyquist), FSC 0.5 to the true map 4.45 -> 3.67 -> 3.64 -> 3.62 A. Re-run on the idle machine
-  (identical numbers): 109 s for start + 3 iterations, ~35 s per iteration (GMM fits 6-10 s and
-  refinement + reconstruction 9-12 s per half; 5,200-5,500 Gaussians, 40-54 particles/s).
-  relion_refine_mpi (RELION_OPTIONS, 3 ranks on the 2 cores, reference = our start map at 8 A), idle
-  machine: 15 iterations in 327 s (~22 s each), 1.69 degrees / 0.36 A, FSC 0.5 to truth 3.66 A (its own
-  unmasked resolution 3.72 A). So: 3x less total time and half the pose error, but 1.6x slower per
-  iteration (the >= 5x per iteration goal is missed on this CPU at box 64).
-* SNR 0.05 (harder): floor 1.62 / 2.69 / 3.34 degrees (noise-limited); refinement 4.00 -> 3.63 ->
-  3.32 -> 3.41 degrees, shift 1.00 -> 0.70 -> 0.65 -> 0.69 A, gold-standard 6.93 -> 6.46 -> 6.29 ->
-  6.09 A, FSC 0.5 to truth 7.21 -> 6.58 -> 6.46 -> 6.31 A; 440 s.
+Writes ``results.json`` in ``--out`` and prints a table. Measured numbers are in the issue notes.
 """
 
 from __future__ import annotations
@@ -48,20 +35,36 @@ import numpy as np
 import torch
 
 
-def pose_errors(angles_deg: np.ndarray, shift_A: np.ndarray, truth) -> tuple[float, float]:
+def pose_errors(angles_deg: np.ndarray, shift_A: np.ndarray, truth, rows=None) -> tuple[float, float]:
     from gmmrefine.pipeline.evaluate import pose_errors as errors
 
-    return errors(angles_deg, shift_A, truth.angles_deg, truth.shift_A)
+    rows = slice(None) if rows is None else rows
+    return errors(angles_deg, shift_A, truth.angles_deg[rows], truth.shift_A[rows])
 
 
-def fsc_to_truth(half1: np.ndarray, half2: np.ndarray, truth_map: np.ndarray, apix: float) -> float:
+def fsc_to_truth(half1: np.ndarray, half2: np.ndarray, truth_map: np.ndarray, apix: float,
+                 mask: np.ndarray | None = None) -> float:
+    """Resolution (A, FSC 0.5) of the half-map average against the truth map, optionally both masked."""
     from gmmrefine.pipeline.evaluate import resolution_to_truth
 
-    return resolution_to_truth(half1, half2, truth_map, apix, 0.5)
+    if mask is None:
+        return resolution_to_truth(half1, half2, truth_map, apix, 0.5)
+    return resolution_to_truth(half1 * mask, half2 * mask, truth_map * mask, apix, 0.5)
 
 
-def oracle_floor(sim: Path, resolution_A: float, iterations: int, minres_A: float, gmm_steps: int) -> list[float]:
-    """Mean angular error per iteration of the optimiser started at the truth, against the truth map's GMM."""
+def truth_mask(truth_map: np.ndarray, apix: float) -> np.ndarray:
+    """Soft mask of the noise-free map: 8 A low-pass above 2 % of its maximum, dilated 3 px, 6 px edge."""
+    from gmmrefine.fourier.filters import low_pass
+    from gmmrefine.fourier.masks import mask_from_map
+
+    smooth = low_pass(torch.as_tensor(truth_map), 8.0, apix)
+    return mask_from_map(smooth, 0.02 * float(smooth.max())).numpy()
+
+
+def oracle_floor(sim: Path, resolution_A: float, iterations: int, minres_A: float, gmm_steps: int,
+                 n_particles: int) -> list[tuple[float, float]]:
+    """Mean angular and shift error per iteration of the optimiser started at the truth, against the truth
+    map's GMM, on the first ``n_particles`` particles (an unbiased sample: the poses are random)."""
     from gmmrefine.fourier.ctf import ctf_for_box
     from gmmrefine.fourier.filters import low_pass
     from gmmrefine.geometry.rotations import euler_to_matrix, matrix_to_euler
@@ -78,16 +81,17 @@ def oracle_floor(sim: Path, resolution_A: float, iterations: int, minres_A: floa
     band = fourier_band(truth.box, apix, minres_A, resolution_A)
     angles = np.array(truth.angles_deg)
     shifts = np.array(truth.shift_A)
+    subset = np.arange(min(n_particles, len(truth)))
     errors = []
     for _ in range(iterations):
-        for idx, images in iter_image_chunks(truth, None, 20000):
+        for idx, images in iter_image_chunks(truth, subset, 20000):
             ctf = ctf_for_box(truth.box, apix, **truth.ctf.as_tensors(idx)).float()
             rot = euler_to_matrix(torch.as_tensor(angles[idx])).float()
             t0 = image_translation_px(torch.as_tensor(shifts[idx]), apix).float()
             res = refine_poses(gmm, particle_band(torch.from_numpy(images), band, ctf), rot, t0, band, PoseSettings())
             angles[idx] = matrix_to_euler(res.rotations.double()).numpy()
             shifts[idx] = shifts[idx] - (res.translation_px.double() - t0.double()).numpy() * apix
-        errors.append(pose_errors(angles, shifts, truth))
+        errors.append(pose_errors(angles[subset], shifts[subset], truth, subset))
     return errors
 
 
@@ -109,10 +113,11 @@ def relion_poses(star: Path, truth) -> tuple[np.ndarray, np.ndarray]:
     return angles, shifts
 
 
-def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, apix: float, diameter_A: float) -> dict:
+def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, mask: np.ndarray, apix: float,
+               diameter_A: float) -> dict:
     """``relion_refine_mpi`` local refinement (3 MPI ranks: a leader and one worker per half, one thread
     each, i.e. the 2 cores) from the perturbed poses, with the start map of our job low-passed to 8 A as
-    reference. Returns its wall time, iterations, pose error and FSC to the truth."""
+    reference. Returns its wall time (total and per iteration), pose error and FSC to the truth."""
     from gmmrefine.fourier.filters import low_pass
     from gmmrefine.io.mrc import read_map, write_map
 
@@ -124,17 +129,24 @@ def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, ap
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi",
            "--i", "particles_perturbed.star", "--o", str(rdir / "run"), "--ref", str(rdir / "ref.mrc"),
            "--particle_diameter", str(diameter_A), *RELION_OPTIONS]
-    t0 = time.perf_counter()
+    t0 = time.time()
     with open(rdir / "log.txt", "w") as log:
         subprocess.run(cmd, cwd=sim, stdout=log, stderr=subprocess.STDOUT, check=True)
-    wall = time.perf_counter() - t0
+    wall = time.time() - t0
+    # Iteration k ends when run_itNNN_data.star is written; iteration 0 is RELION's start-up pass.
     its = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
+    stamps = [t0] + [p.stat().st_mtime for p in its]
+    per_it = [b - a for a, b in zip(stamps[1:-1], stamps[2:])]  # iterations 1.. (after the start-up pass)
     angles, shifts = relion_poses(rdir / "run_data.star", truth)
     ang, sh = pose_errors(angles, shifts, truth)
-    res = fsc_to_truth(read_map(rdir / "run_half1_class001_unfil.mrc")[0],
-                       read_map(rdir / "run_half2_class001_unfil.mrc")[0], truth_map, apix)
-    return {"command": " ".join(cmd), "wall_s": wall, "iterations": len(its) - 1, "seconds_per_iteration":
-            wall / max(len(its) - 1, 1), "angular_error_deg": ang, "shift_error_A": sh, "fsc05_to_truth_A": res}
+    r1 = read_map(rdir / "run_half1_class001_unfil.mrc")[0]
+    r2 = read_map(rdir / "run_half2_class001_unfil.mrc")[0]
+    return {"command": " ".join(cmd), "wall_s": wall, "iterations": len(its) - 1,
+            "startup_s": stamps[1] - stamps[0] if len(stamps) > 1 else None,
+            "seconds_per_iteration": float(np.mean(per_it)) if per_it else wall,
+            "seconds_per_iteration_each": per_it, "angular_error_deg": ang, "shift_error_A": sh,
+            "fsc05_to_truth_A": fsc_to_truth(r1, r2, truth_map, apix),
+            "masked_fsc05_to_truth_A": fsc_to_truth(r1, r2, truth_map, apix, mask)}
 
 
 def main() -> int:
@@ -148,6 +160,8 @@ def main() -> int:
     parser.add_argument("--gmm-steps", type=int, default=150)
     parser.add_argument("--minres", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--floor-n", type=int, default=500, help="particles the noise floor is measured on")
+    parser.add_argument("--refine-args", default="", help="extra options for gmmrefine refine (quoted)")
     parser.add_argument("--relion", action="store_true", help="also run relion_refine_mpi local refinement")
     parser.add_argument("--diameter", type=float, default=100.0, help="particle diameter for RELION, A")
     args = parser.parse_args()
@@ -169,13 +183,14 @@ def main() -> int:
     t0 = time.perf_counter()
     subprocess.run(gm + ["refine", "--particles", str(sim / "particles_perturbed.star"), "--out", str(job),
                          "--iterations", str(args.iterations), "--gmm-steps", str(args.gmm_steps),
-                         "--minres", str(args.minres)], check=True)
+                         "--minres", str(args.minres), *args.refine_args.split()], check=True)
     wall = time.perf_counter() - t0
 
     from gmmrefine.refine.global_refine import it_dir
 
     truth = read_particles(sim / "particles.star")
     truth_map, apix = read_map(sim / "truth_map.mrc")
+    mask = truth_mask(truth_map, apix)
     rows = []
     for k in range(args.iterations + 1):
         d = job / it_dir(k)
@@ -191,11 +206,13 @@ def main() -> int:
                      "gold_standard_A": fsc["resolution_A"], "half_estimates_A": fsc["half_resolution_A"],
                      "fsc05_to_truth_A": fsc_to_truth(read_map(d / "half1.mrc")[0], read_map(d / "half2.mrc")[0],
                                                       truth_map, apix),
+                     "masked_fsc05_to_truth_A": fsc_to_truth(read_map(d / "half1.mrc")[0],
+                                                             read_map(d / "half2.mrc")[0], truth_map, apix, mask),
                      "seconds": fsc.get("seconds")})
     last_res = min(float(v) for v in rows[-1]["half_estimates_A"].values())
     band_res = max(last_res, 2 * apix)
     t1 = time.perf_counter()
-    floor = oracle_floor(sim, band_res, args.iterations, args.minres, args.gmm_steps)
+    floor = oracle_floor(sim, band_res, args.iterations, args.minres, args.gmm_steps, args.floor_n)
     floor_s = time.perf_counter() - t1
     floor_ang, floor_sh = floor[-1]
     start_ang, start_sh = rows[0]["angular_error_deg"], rows[0]["shift_error_A"]
@@ -206,20 +223,30 @@ def main() -> int:
               "floor": {"band_A": band_res, "per_iteration": floor, "seconds": floor_s},
               "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     if args.relion:
-        result["relion"] = run_relion(sim, job, out, truth, truth_map, apix, args.diameter)
+        result["relion"] = run_relion(sim, job, out, truth, truth_map, mask, apix, args.diameter)
+        ours_it = float(np.mean([r["seconds"] for r in rows[1:]]))
+        result["speed"] = {"ours_seconds_per_iteration": ours_it,
+                           "relion_seconds_per_iteration": result["relion"]["seconds_per_iteration"],
+                           "per_iteration_speedup": result["relion"]["seconds_per_iteration"] / ours_it,
+                           "total_speedup": result["relion"]["wall_s"] / wall}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"floor (oracle, band to {band_res:.2f} A): " + ", ".join(f"{a:.2f} deg / {s:.2f} A" for a, s in floor))
-    print("it  ang_err  shift_err  gap_ang  gap_shift  gold_A  fsc0.5_truth_A")
+    print("it  ang_err  shift_err  gap_ang  gap_shift  gold_A  fsc0.5_truth_A  masked_A  seconds")
     for r in rows:
         print(f"{r['iteration']:2d}  {r['angular_error_deg']:7.2f}  {r['shift_error_A']:9.2f}  "
               f"{r['angular_gap_closed']:7.0%}  {r['shift_gap_closed']:9.0%}  {r['gold_standard_A']:6.2f}  "
-              f"{r['fsc05_to_truth_A']:6.2f}")
+              f"{r['fsc05_to_truth_A']:14.2f}  {r['masked_fsc05_to_truth_A']:8.2f}  {r['seconds'] or 0:7.0f}")
     print(f"refine wall time {wall:.0f} s")
     if args.relion:
         r = result["relion"]
         print(f"relion_refine_mpi: {r['wall_s']:.0f} s, {r['iterations']} iterations "
               f"({r['seconds_per_iteration']:.0f} s each), angular error {r['angular_error_deg']:.2f} deg, "
-              f"shift error {r['shift_error_A']:.2f} A, FSC 0.5 to truth {r['fsc05_to_truth_A']:.2f} A")
+              f"shift error {r['shift_error_A']:.2f} A, FSC 0.5 to truth {r['fsc05_to_truth_A']:.2f} A "
+              f"(masked {r['masked_fsc05_to_truth_A']:.2f} A)")
+        sp = result["speed"]
+        print(f"per iteration: ours {sp['ours_seconds_per_iteration']:.0f} s, RELION "
+              f"{sp['relion_seconds_per_iteration']:.0f} s (ratio {sp['per_iteration_speedup']:.2f}x); "
+              f"total: ratio {sp['total_speedup']:.2f}x")
     return 0
 
 

@@ -246,14 +246,24 @@ def build_half_gmm(volume: torch.Tensor, apix: float, resolution_A: float, *, in
                    builder: Callable | None = None) -> tuple[GaussianMixture, dict]:
     """The half's GMM at ``resolution_A`` from its low-passed map (warm-started from ``init``).
 
-    ``builder`` defaults to :func:`gmmrefine.gmm.build.build_gmm` and is called as it is.
+    N follows the resolution by the paper's rule (Gaussians spaced by the resolution,
+    :data:`gmmrefine.gmm.build.REFERENCE_SPACING_FRACTION`): as the band widens the reference needs more
+    Gaussians (at 3 A, 350 Gaussians fitted at 4.3 A aligned worse than 1,000: see gmm/build.py), so
+    ``init`` is only a warm start while its N is within 25 % of the target; otherwise the GMM is seeded
+    afresh from the map. ``builder`` defaults to :func:`gmmrefine.gmm.build.build_gmm` and is called as it is.
 
     Returns:
         ``(gmm on the CPU, float32; the builder's info dict)``.
     """
+    from gmmrefine.gmm.build import REFERENCE_SPACING_FRACTION, estimate_n
+
     if builder is None:
         from gmmrefine.gmm.build import build_gmm as builder
-    gmm, info = builder(volume, apix, resolution_A, init=init, seed=seed, steps=steps, device=device)
+    target_n = estimate_n(volume, apix, resolution_A, spacing_fraction=REFERENCE_SPACING_FRACTION)
+    if init is not None and abs(init.n - target_n) > 0.25 * target_n:
+        init = None
+    gmm, info = builder(volume, apix, resolution_A, n=None if init is not None else target_n, init=init, seed=seed,
+                        steps=steps, device=device)
     return gmm.detach().to(device="cpu", dtype=torch.float32), info
 
 
