@@ -77,7 +77,12 @@ def oracle_floor(sim: Path, resolution_A: float, iterations: int, minres_A: floa
 
     truth = read_particles(sim / "particles.star")
     vol, apix = read_map(sim / "truth_map.mrc")
-    gmm, _ = build_gmm(low_pass(torch.as_tensor(vol), resolution_A, apix), apix, resolution_A, seed=0, steps=gmm_steps)
+    from gmmrefine.gmm.build import REFERENCE_SPACING_FRACTION, estimate_n
+
+    reference = low_pass(torch.as_tensor(vol), resolution_A, apix)
+    # The same N rule as the refinement's references (refine/global_refine.py: build_half_gmm).
+    n = estimate_n(reference, apix, resolution_A, spacing_fraction=REFERENCE_SPACING_FRACTION)
+    gmm, _ = build_gmm(reference, apix, resolution_A, n=n, seed=0, steps=gmm_steps)
     band = fourier_band(truth.box, apix, minres_A, resolution_A)
     angles = np.array(truth.angles_deg)
     shifts = np.array(truth.shift_A)

@@ -1,9 +1,11 @@
-"""``gmmrefine demo``: simulate a small adenylate kinase data set and reconstruct it, no input needed.
+"""``gmmrefine demo``: simulate a small adenylate kinase data set and refine it, no input needed.
 
 The data: the bundled open adenylate kinase model (``gmmrefine/data/adk_open.pdb``), 1,000 particles,
-box 64 at 1.8 A/px, SNR 0.05, with the poses of ``particles_perturbed.star`` off the truth by 4 degrees
-and 1 A (the "consensus" a refinement starts from). The demo reconstructs both half sets at those
-poses and reports the gold-standard resolution and the FSC against the true map.
+box 64 at 1.8 A/px, SNR 0.2, with the poses of ``data/particles_perturbed.star`` off the truth by
+exactly 4 degrees and 1 A (the "consensus" a refinement starts from). The demo runs
+``gmmrefine refine`` on it (3 iterations, paper defaults otherwise) in ``OUT/job`` and prints, before
+and after, the pose error against the true poses, the gold-standard resolution and the resolution of
+the FSC against the true map, then where the report is.
 """
 
 from __future__ import annotations
@@ -16,28 +18,33 @@ import numpy as np
 import torch
 
 from gmmrefine.cli.simulate import resolve_device
+from gmmrefine.errors import InputError
 from gmmrefine.io.atomic import write_json_atomic
 
 COMMAND = "demo"
-HELP = "simulate a small adenylate kinase data set and reconstruct it (no input needed)"
+HELP = "simulate a small adenylate kinase data set and refine it (no input needed)"
 DESCRIPTION = __doc__.split("\n\n", 1)[1].replace("\n", " ").strip()
 
 DEMO_MODEL = Path(__file__).parents[1] / "data" / "adk_open.pdb"
-DEMO_SETTINGS = dict(n=1000, box=64, apix=1.8, snr=0.05, perturb_deg=4.0, perturb_A=1.0, seed=0)
+DEMO_SETTINGS = dict(n=1000, box=64, apix=1.8, snr=0.2, perturb_deg=4.0, perturb_A=1.0, seed=0)
+DEMO_ITERATIONS = 3
+DEFAULT_OUT = Path("gmmrefine_demo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("gmmrefine_demo"), help="output folder")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: ./{DEFAULT_OUT}, or the first free ./{DEFAULT_OUT}_N)")
+    parser.add_argument("--iterations", type=int, default=DEMO_ITERATIONS, help="refinement iterations")
     parser.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")
 
 
-def simulate_demo_data(out_dir: Path, device: torch.device) -> Path:
+def simulate_demo_data(out_dir: Path, device: torch.device, n: int | None = None) -> Path:
     """Write the demo data set into ``out_dir`` (see the module docstring); returns the perturbed STAR file."""
     from gmmrefine.io.models import read_atoms
     from gmmrefine.simulate.density import center_of_mass
     from gmmrefine.simulate.particles import AtomicSource, draw_truth, write_dataset
 
-    s = DEMO_SETTINGS
+    s = dict(DEMO_SETTINGS, n=n or DEMO_SETTINGS["n"])
     atoms = read_atoms(DEMO_MODEL)
     heavy = ~np.asarray(atoms.is_hydrogen, dtype=bool)
     elements = [e for e, h in zip(atoms.elements, heavy) if h]
@@ -50,46 +57,74 @@ def simulate_demo_data(out_dir: Path, device: torch.device) -> Path:
     return result.paths["perturbed"]
 
 
-def main(args) -> int:
-    from gmmrefine.fourier.fsc import fourier_shell_correlation, resolution_at
-    from gmmrefine.io.mrc import read_map, write_map
-    from gmmrefine.io.particles import read_particles
-    from gmmrefine.reconstruct.invert import reconstruct_halves
+def _free_default_out() -> Path:
+    if not DEFAULT_OUT.exists():
+        return DEFAULT_OUT
+    k = 2
+    while Path(f"{DEFAULT_OUT}_{k}").exists():
+        k += 1
+    return Path(f"{DEFAULT_OUT}_{k}")
 
+
+def scores(half1: np.ndarray, half2: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray, truth_ps,
+           truth_map: np.ndarray, apix: float) -> dict:
+    """Pose error against the truth, gold-standard resolution and resolution against the true map."""
+    from gmmrefine.fourier.fsc import fourier_shell_correlation, resolution_at
+    from gmmrefine.pipeline.evaluate import pose_errors, resolution_to_truth
+
+    ang, sh = pose_errors(angles_deg, shift_A, truth_ps.angles_deg, truth_ps.shift_A)
+    gold = fourier_shell_correlation(torch.as_tensor(half1), torch.as_tensor(half2))
+    return {"angular_error_deg": ang, "shift_error_A": sh,
+            "resolution_gold_standard_A": resolution_at(gold, half1.shape[-1], apix, 0.143),
+            "resolution_vs_truth_fsc_0.5_A": resolution_to_truth(half1, half2, truth_map, apix, 0.5)}
+
+
+def main(args) -> int:
+    from gmmrefine.cli import refine as refine_cmd
+    from gmmrefine.io.mrc import read_map
+    from gmmrefine.io.particles import read_particles
+    from gmmrefine.refine.global_refine import it_dir
+
+    if args.iterations < 1:
+        raise InputError(f"--iterations: expected an integer >= 1, got {args.iterations}.", field="--iterations")
+    out = Path(args.out) if args.out is not None else _free_default_out()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out}: the demo folder already exists and is not empty; choose another --out.",
+                         path=str(out), field="--out")
     device = resolve_device(args.device)
-    out = Path(args.out)
     start = time.perf_counter()
     s = DEMO_SETTINGS
     print(f"Simulating {s['n']} adenylate kinase particles (box {s['box']}, {s['apix']} A/px, SNR {s['snr']}), "
-          f"poses perturbed by {s['perturb_deg']} deg and {s['perturb_A']} A ...")
+          f"poses perturbed by {s['perturb_deg']} deg and {s['perturb_A']} A ...", flush=True)
     star = simulate_demo_data(out / "data", device)
-    print("Reconstructing both half sets at the perturbed poses and at the true poses ...")
-    ps = read_particles(star)
+    job_dir = out / "job"
+    print(f"Refining ({args.iterations} iterations): gmmrefine refine --particles {star} --out {job_dir} "
+          f"--iterations {args.iterations} --device {device}", flush=True)
+    params = refine_cmd.params_for(star, job_dir, "--iterations", str(args.iterations), "--device", str(device))
+    refine_cmd.run(params, command_line=["gmmrefine", "demo", "--out", str(out)])
+
     truth_ps = read_particles(star.with_name("particles.star"))
-    truth_map = torch.as_tensor(read_map(star.with_name("truth_map.mrc"))[0])
-    report: dict = {"apix": ps.apix, "box": ps.box,
-                    "shell_frequency_inv_A": (np.arange(ps.box // 2 + 1) / (ps.box * ps.apix)).tolist()}
-    for label, particles in (("perturbed", ps), ("true", truth_ps)):
-        half1, half2 = (h.detach().cpu() for h in reconstruct_halves(particles, device=device, progress=False))
-        if label == "perturbed":
-            write_map(out / "half1.mrc", half1.numpy(), ps.apix)
-            write_map(out / "half2.mrc", half2.numpy(), ps.apix)
-        gold = fourier_shell_correlation(half1, half2)
-        vs_truth = fourier_shell_correlation(0.5 * (half1 + half2), truth_map)
-        report[label] = {
-            "fsc_half1_half2": gold.tolist(), "fsc_average_vs_truth": vs_truth.tolist(),
-            "resolution_gold_standard_A": resolution_at(gold, ps.box, ps.apix, 0.143),
-            "resolution_vs_truth_fsc_0.5_A": resolution_at(vs_truth, ps.box, ps.apix, 0.5),
-        }
-    write_json_atomic(out / "fsc.json", report)
-    for label, what in (("perturbed", "at the perturbed (consensus) poses"),
-                        ("true", "at the true poses (what a perfect refinement reaches)")):
-        r = report[label]
-        print(f"{what}:\n  gold-standard resolution (FSC 0.143, half 1 vs half 2) "
-              f"{r['resolution_gold_standard_A']:.2f} A; against the true map (FSC 0.5) "
-              f"{r['resolution_vs_truth_fsc_0.5_A']:.2f} A")
-    print(f"Done in {time.perf_counter() - start:.0f} s. Outputs in {out}/:")
-    print("  data/particles_perturbed.star  the consensus poses to refine (4 deg, 1 A off the truth)")
-    print("  data/particles.star            the true poses; data/truth_map.mrc the true map")
-    print("  half1.mrc, half2.mrc, fsc.json half maps at the perturbed poses and their FSC curves")
+    truth_map = read_map(star.with_name("truth_map.mrc"))[0]
+    apix = truth_ps.apix
+    rows = {}
+    for label, k in (("before", 0), ("after", args.iterations)):
+        d = job_dir / it_dir(k)
+        poses = read_particles(star if k == 0 else d / "particles.star", check_images=False)
+        rows[label] = scores(read_map(d / "half1.mrc")[0], read_map(d / "half2.mrc")[0], poses.angles_deg,
+                             poses.shift_A, truth_ps, truth_map, apix)
+    elapsed = time.perf_counter() - start
+    report = job_dir / "final" / "report.html"
+    write_json_atomic(out / "demo.json", {"settings": s, "iterations": args.iterations, "seconds": elapsed,
+                                          "report": str(report), **rows})
+    b, a = rows["before"], rows["after"]
+    print("\n                                   before    after")
+    print(f"  mean angular error vs truth     {b['angular_error_deg']:6.2f}   {a['angular_error_deg']:6.2f}  deg")
+    print(f"  mean shift error vs truth       {b['shift_error_A']:6.2f}   {a['shift_error_A']:6.2f}  A")
+    print(f"  gold-standard resolution        {b['resolution_gold_standard_A']:6.2f}   "
+          f"{a['resolution_gold_standard_A']:6.2f}  A (FSC 0.143, half 1 vs half 2)")
+    print(f"  resolution against true map     {b['resolution_vs_truth_fsc_0.5_A']:6.2f}   "
+          f"{a['resolution_vs_truth_fsc_0.5_A']:6.2f}  A (FSC 0.5)")
+    print(f"\nDone in {elapsed:.0f} s. Report: {report}")
+    print(f"Refined poses for RELION/cryoSPARC: {job_dir / 'final' / 'particles.star'}; "
+          f"numbers above: {out / 'demo.json'}")
     return 0
