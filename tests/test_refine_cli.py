@@ -64,7 +64,9 @@ def test_job_folder_outputs(runs):
                  "final/map.mrc", "final/fsc.png", "final/pose_changes.png", "final/report.html"):
         assert (job / name).is_file(), name
     params = json.loads((job / "job.json").read_text())["params"]
-    assert params["steps"] == 10 and params["lr"] == 1e-3 and params["batch"] == 16
+    assert params["steps"] == 10 and params["lr"] == 1e-3 and params["batch"] == "auto"
+    done = json.loads((job / "state.json").read_text())["done"]
+    assert done["it001/half1/refine"]["batch"] == done["it001/half2/refine"]["batch"] == 16  # auto, CPU: the paper's
     fsc = json.loads((job / "it001" / "fsc.json").read_text())
     assert 1.0 < fsc["mean_change_deg"] < 3.0
     # Refined poses come back in a STAR file with every input column, and the truth is closer.
@@ -136,3 +138,169 @@ def test_relion_reconstruct_of_final_star_matches_our_half_map(runs, tmp_path):
     # regularised divisions differ most where few samples land.)
     shells = fsc[1: int(0.9 * box // 2)]
     assert shells.min() >= 0.99, fsc
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes (torch.distributed, gloo), SIGTERM checkpoints, the CUDA-only code paths on CPU
+# ------------------------------------------------------------------------------------------------
+
+def _torchrun(star: Path, out: Path, *extra: str, popen=None):
+    # One thread per process: the 2 processes share the 2 cores.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # --shutdown-timeout: after forwarding SIGTERM, torchrun waits this long for the ranks' checkpoints.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--shutdown-timeout", "120", "-m", "gmmrefine", "refine", "--particles", str(star), "--out", str(out),
+           *REFINE, *extra]
+    if popen is not None:  # an open file for stderr
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=popen, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def two_processes(runs):
+    out = runs["root"] / "two_processes"
+    r = _torchrun(runs["sim"] / "particles_perturbed.star", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 processes (gloo)" in (out / "log.txt").read_text()
+    return out
+
+
+def test_two_processes_give_the_poses_and_maps_of_one(runs, two_processes):
+    import torch
+
+    from gmmrefine.fourier.fsc import fourier_shell_correlation
+    from gmmrefine.geometry.rotations import euler_to_matrix, rotation_angle_deg
+
+    one = read_particles(runs["A"] / "final" / "particles.star")
+    two = read_particles(two_processes / "final" / "particles.star")
+    # 160 particles per half in blocks of 64 (4 batches of 16): rank 0 refines 64, rank 1 96 of each half.
+    angle = rotation_angle_deg(euler_to_matrix(torch.as_tensor(one.angles_deg)),
+                               euler_to_matrix(torch.as_tensor(two.angles_deg)))
+    assert float(angle.max()) < 0.01
+    assert np.abs(one.shift_A - two.shift_A).max() < 0.01 * one.apix
+    for name in ("it000/half1.mrc", "it000/half2.mrc", "final/half1.mrc", "final/half2.mrc"):
+        a, b = (torch.as_tensor(read_map(job / name)[0]) for job in (runs["A"], two_processes))
+        assert float(fourier_shell_correlation(a, b)[1:].min()) >= 0.9999, name
+
+
+def test_sigterm_under_torchrun_checkpoints_and_continue_matches(runs, two_processes):
+    star = runs["sim"] / "particles_perturbed.star"
+    out = runs["root"] / "two_processes_terminated"
+    err = open(runs["root"] / "two_processes_terminated.err", "w+")
+    proc = _torchrun(star, out, popen=err)
+    state = out / "state.json"
+    deadline = time.time() + 480
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if state.is_file() and "it001/half1/gmm" in json.loads(state.read_text() or "{}").get("done", {}):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err.seek(0)
+        stderr = err.read()
+        err.close()
+    assert proc.returncode != 0
+    assert "stopped by a signal" in stderr and "--continue" in stderr
+    assert "final" not in json.loads(state.read_text())["done"]
+    r = _torchrun(star, out, "--continue")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not any((out / "checkpoint").glob("*.pt"))
+    for h in (1, 2):
+        a, c = _half_outputs(two_processes, h), _half_outputs(out, h)
+        for key in a:
+            assert np.array_equal(a[key], c[key]), (h, key)
+    assert (out / "final" / "particles.star").read_text() == (two_processes / "final" / "particles.star").read_text()
+
+
+def _pass_inputs(runs):
+    """Particles, settings (3 Adam steps: these tests are about the pass, not the optimiser), the
+    half-1 GMM and band of iteration 1 of job A."""
+    from gmmrefine.refine.global_refine import band_limit, settings_from_params
+
+    job = runs["A"]
+    params = json.loads((job / "job.json").read_text())["params"]
+    ps = read_particles(params["particles"])
+    settings = settings_from_params(params | {"progress": False, "steps": 3})
+    maxres = band_limit(json.loads((job / "it000" / "half1_resolution.json").read_text())["resolution_A"],
+                        settings, ps.apix)
+    gmm = GaussianMixture.load(job / "it001" / "gmm_half1.npz")
+    return ps, settings, gmm, maxres
+
+
+def _same_pass(a, b) -> bool:
+    return (all(np.array_equal(getattr(a, k), getattr(b, k), equal_nan=True)
+                for k in ("indices", "angles_deg", "shift_A", "frc_start", "frc_end"))
+            and np.array_equal(a.half_map.numpy(), b.half_map.numpy()))
+
+
+def test_stop_mid_pass_writes_a_checkpoint_that_resumes_bit_identically(runs, tmp_path, monkeypatch):
+    import dataclasses
+
+    from gmmrefine import distributed
+    from gmmrefine.refine import global_refine
+
+    ps, settings, gmm, maxres = _pass_inputs(runs)
+    angles, shifts = np.asarray(ps.angles_deg), np.asarray(ps.shift_A)
+    settings = dataclasses.replace(settings, checkpoint_dir=str(tmp_path))
+    full = global_refine.half_pass(ps, 1, angles, shifts, settings, gmm=gmm, maxres_A=maxres)
+    assert full.resumed_rows == 0 and not any(tmp_path.iterdir())
+    calls = {"n": 0}
+
+    def signal_after_first_block():  # the check before block k is call k + 1
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    monkeypatch.setattr(distributed, "stop_requested", signal_after_first_block)
+    with pytest.raises(distributed.Interrupted, match="after 64 of"):
+        global_refine.half_pass(ps, 1, angles, shifts, settings, gmm=gmm, maxres_A=maxres)
+    assert len(list(tmp_path.glob("*.rank0of1.pt"))) == 1
+    monkeypatch.setattr(distributed, "stop_requested", lambda: False)
+    # Another pass (other poses) must not pick up this checkpoint.
+    other = global_refine.half_pass(ps, 1, angles + 0.5, shifts, settings, gmm=gmm, maxres_A=maxres)
+    assert other.resumed_rows == 0
+    resumed = global_refine.half_pass(ps, 1, angles, shifts, settings, gmm=gmm, maxres_A=maxres)
+    assert resumed.resumed_rows == 64
+    assert _same_pass(full, resumed)
+    assert not any(tmp_path.iterdir())
+
+
+def test_batch_from_free_device_memory(runs, monkeypatch):
+    """The CUDA path (``--batch auto`` sized from free device memory) run on the CPU with a mocked
+    free-memory figure: the batch fits the rule, and the poses do not depend on it."""
+    import dataclasses
+
+    import torch
+
+    from gmmrefine.gmm.project import fourier_band
+    from gmmrefine.refine import global_refine, poses
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 24 * 2**30))
+    assert poses.free_memory_bytes(torch.device("cuda:0")) == 3 * 2**30
+    assert poses.free_memory_bytes(torch.device("cpu")) is None
+    band = fourier_band(240, 1.0, 50.0, 3.0)
+    per = poses.batch_bytes_per_particle(7374, band, 240)
+    for free in (2**30, 8 * 2**30, 24 * 2**30):
+        b = poses.batch_for_memory(free, 7374, band, 240)
+        assert b * per <= 0.5 * free < (b + 1) * per
+    assert poses.batch_for_memory(10**6, 7374, band, 240) == 1
+    assert poses.batch_for_memory(10**15, 7374, band, 240) == 1024
+
+    ps, settings, gmm, maxres = _pass_inputs(runs)
+    angles, shifts = np.asarray(ps.angles_deg), np.asarray(ps.shift_A)
+    auto = dataclasses.replace(settings, pose=dataclasses.replace(settings.pose, batch=None))
+    free = 40 * poses.batch_bytes_per_particle(gmm.n, fourier_band(ps.box, ps.apix, settings.minres_A, maxres), ps.box)
+    monkeypatch.setattr(global_refine, "free_memory_bytes", lambda device: free)
+    p_auto = global_refine.half_pass(ps, 1, angles, shifts, auto, gmm=gmm, maxres_A=maxres)
+    assert p_auto.batch == 20
+    monkeypatch.setattr(global_refine, "free_memory_bytes", lambda device: None)  # the CPU: the paper's 16
+    p_16 = global_refine.half_pass(ps, 1, angles, shifts, auto, gmm=gmm, maxres_A=maxres)
+    assert p_16.batch == 16
+    assert p_auto.angles_deg.dtype == p_16.angles_deg.dtype == np.float64
+    assert p_auto.half_map.dtype == p_16.half_map.dtype and p_auto.half_map.shape == p_16.half_map.shape
+    assert np.abs(p_auto.angles_deg - p_16.angles_deg).max() < 1e-3
+    assert np.abs(p_auto.shift_A - p_16.shift_A).max() < 1e-4

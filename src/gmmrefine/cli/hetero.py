@@ -128,18 +128,33 @@ def _validate(args):
 
 
 def main(args) -> int:
+    import dataclasses
+
+    from gmmrefine import distributed
     from gmmrefine.hetero.outputs import write_outputs
     from gmmrefine.hetero.train import train_halves
     from gmmrefine.pipeline.job import Job
 
+    ctx = distributed.init(args.device)
     inputs, ps, gmms, settings, mask = _validate(args)
+    distributed.barrier()  # every rank has checked --out before rank 0 creates it
+    settings = dataclasses.replace(settings, device=ctx.device, progress=settings.progress and ctx.is_main)
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if not k.startswith("_") and k != "command"}
-    job = Job(args.out, params)
+    job = Job(args.out, params) if ctx.is_main else None
     start = time.perf_counter()
-    job.log(f"{len(ps)} particles from {inputs.particles}; band {settings.minres_A:g}-{settings.maxres_A:g} A; "
-            f"GMMs of {gmms[1].n} / {gmms[2].n} Gaussians")
-    results = train_halves(ps, gmms, settings)
+    if job is not None:
+        job.log(f"{len(ps)} particles from {inputs.particles}; band {settings.minres_A:g}-{settings.maxres_A:g} A; "
+                f"GMMs of {gmms[1].n} / {gmms[2].n} Gaussians")
+    # Several processes: the halves are independent (own particles, GMM, networks and seed), so rank r
+    # trains the halves h with (h - 1) % K == r, each exactly as one process would; rank 0 writes.
+    mine = tuple(h for h in (1, 2) if (h - 1) % ctx.world_size == ctx.rank)
+    results = train_halves(ps, gmms, settings, halves=mine) if mine else {}
+    if ctx.active:
+        results = {h: r for part in distributed.all_gather_object(results) for h, r in part.items()}
+        if not ctx.is_main:
+            return 0
+        results = dict(sorted(results.items()))
     summary = write_outputs(job.path, ps, results, settings, inputs)
     for h, v in summary["halves"].items():
         job.log(f"half {h}: FRC {v['frc_neutral']:.4f} -> {v['frc_final']:.4f}, PC1 "

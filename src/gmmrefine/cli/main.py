@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+import traceback
 
 import gmmrefine
 from gmmrefine.errors import EXIT_INPUT_ERROR, InputError
@@ -56,11 +58,56 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_main", None):
         parser.print_help()
         return EXIT_INPUT_ERROR
+    from gmmrefine import distributed
+
+    try:
+        code = _run(args)
+    except SystemExit as err:  # a rank other than 0 leaving with rank 0's exit code
+        if not distributed.current().active:
+            raise
+        code = err.code if isinstance(err.code, int) else 1
+    except BaseException:
+        if not distributed.current().active:
+            raise
+        # No collective clean-up after an error: the other ranks may be inside a collective, and the
+        # launcher ends them once this process has exited.
+        traceback.print_exc()
+        _leave(1)
+    if distributed.current().active:
+        distributed.shutdown()
+        _leave(code)
+    return code
+
+
+def _run(args) -> int:
+    from gmmrefine import distributed
+
     try:
         return int(args._main(args) or 0)
     except InputError as err:
-        print(f"gmmrefine {args.command}: error: {err}", file=sys.stderr)
+        print(f"{_rank_prefix()}gmmrefine {args.command}: error: {err}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except distributed.Interrupted as err:
+        if distributed.current().is_main:
+            print(f"gmmrefine {args.command}: {err}; resume with the same command and --continue", file=sys.stderr)
+        return distributed.EXIT_INTERRUPTED
+
+
+def _leave(code: int) -> None:
+    """End a process of a multi-process run now, without the interpreter's teardown: torch.distributed's
+    C++ threads occasionally abort the process there (SIGABRT, "terminate called without an active
+    exception"; seen here once in about a dozen 2-process runs, after every output had been written)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _rank_prefix() -> str:
+    """``[rank r] `` on ranks other than 0 of a multi-process run (their messages are not rank 0's)."""
+    from gmmrefine import distributed
+
+    ctx = distributed.current()
+    return f"[rank {ctx.rank}] " if ctx.rank else ""
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ DESCRIPTION = (
     "direct Fourier inversion (2x padded trilinear insertion, symmetry summed over the Fourier grid, "
     "Pipe-Menon gridding weights, gridding correction; equivalent to relion_reconstruct) in one streamed pass. Images are phase-flipped "
     "(--ctf flip, default) or CTF-weighted (--ctf wiener, as relion_reconstruct --ctf). Writes half1.mrc, "
-    "half2.mrc, full.mrc, fsc.json and fsc.png into --out (only halfN.mrc with --half N)."
+    "half2.mrc, full.mrc, fsc.json and fsc.png into --out (only halfN.mrc with --half N). Runs unchanged under "
+    "torchrun / srun: each process inserts its share of the particles and rank 0 writes."
 )
 
 
@@ -63,18 +64,30 @@ def _validate(args):
 
 
 def main(args) -> int:
+    from gmmrefine import distributed
     from gmmrefine.cli.postprocess import check_out_dir, fsc_table, plot_fsc_curves
     from gmmrefine.fourier.fsc import fourier_shell_correlation, resolution_at
     from gmmrefine.io.atomic import write_json_atomic
     from gmmrefine.io.mrc import write_map
     from gmmrefine.reconstruct.invert import accumulate_halves, reconstruct_maps_low_memory, symmetry_matrices
 
+    ctx = distributed.init(args.device)
     ps, halves = _validate(args)
-    check_out_dir(args.out, args.force)
+    distributed.on_main(check_out_dir, args.out, args.force)
     t0 = time.time()
-    symmetry = symmetry_matrices(args.sym, device=args.device)
+    symmetry = symmetry_matrices(args.sym, device=ctx.device)
+    # Several processes: each inserts a contiguous shard of the particles, the accumulators are summed
+    # and rank 0 alone inverts them and writes.
+    mine = None
+    if ctx.active:
+        indices = np.flatnonzero(np.isin(np.asarray(ps.subset), halves))
+        lo, hi = distributed.shard(len(indices))
+        mine = indices[lo:hi]
     accs = accumulate_halves(ps, ctf_mode=args.ctf, halves=halves, chunk_size=args.chunk, pad=args.pad,
-                             device=args.device)
+                             device=ctx.device, progress=ctx.is_main, particles=mine)
+    distributed.sum_accumulators_(accs)
+    if not ctx.is_main:
+        return 0
     counts = {h: accs[h].count for h in halves}
     maps = {h: vol.cpu() for h, vol in reconstruct_maps_low_memory(accs, symmetry=symmetry).items()}
     args.out.mkdir(parents=True, exist_ok=True)

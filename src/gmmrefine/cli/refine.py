@@ -32,8 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution-start", default="auto",
                         help="band limit of the first iteration in A, or 'auto' (each half's own estimate)")
     parser.add_argument("--minres", type=float, default=50.0, help="low-resolution end of the FRC band, A")
-    parser.add_argument("--batch", type=int, default=16, help="particles optimised together (memory/speed)")
-    parser.add_argument("--chunk", type=int, default=20000, help="particles read into memory at a time")
+    parser.add_argument("--batch", default="auto",
+                        help="particles optimised together (memory/speed only; results do not depend on it): a number, "
+                             "or auto: the paper's 16 on the CPU, as many as half the free GPU memory holds on CUDA")
+    parser.add_argument("--chunk", type=int, default=20000,
+                        help="particles read into memory at a time (at most 64 MB of images whatever the number)")
     parser.add_argument("--steps", type=int, default=10, help="Adam steps per particle and iteration")
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="Adam learning rate (rotation unit 2 rad, shift unit 1 box: see refine/poses.py)")
@@ -59,7 +62,15 @@ def _params(args) -> dict:
             raise InputError(f"--resolution-start: expected a positive resolution in A, got {value}.",
                              field="--resolution-start")
         res = value
-    checks = [("--iterations", args.iterations >= 1, "an integer >= 1"), ("--batch", args.batch >= 1, "an integer >= 1"),
+    batch = str(args.batch).strip().lower()
+    if batch != "auto":
+        try:
+            batch = int(batch)
+        except ValueError:
+            batch = 0
+        if batch < 1:
+            raise InputError(f"--batch: expected 'auto' or an integer >= 1, got {args.batch!r}.", field="--batch")
+    checks = [("--iterations", args.iterations >= 1, "an integer >= 1"),
               ("--chunk", args.chunk >= 1, "an integer >= 1"), ("--steps", args.steps >= 0, "an integer >= 0"),
               ("--gmm-steps", args.gmm_steps >= 1, "an integer >= 1"),
               ("--lr", math.isfinite(args.lr) and args.lr > 0, "a positive number"),
@@ -69,7 +80,7 @@ def _params(args) -> dict:
             raise InputError(f"{name}: expected {expected}, got {getattr(args, name[2:].replace('-', '_'))}.", field=name)
     return {
         "particles": str(Path(args.particles).resolve()), "iterations": int(args.iterations), "resolution_start": res,
-        "minres": float(args.minres), "batch": int(args.batch), "chunk": int(args.chunk), "steps": int(args.steps),
+        "minres": float(args.minres), "batch": batch, "chunk": int(args.chunk), "steps": int(args.steps),
         "lr": float(args.lr), "ctf": args.ctf, "reconstruct_ctf": "wiener", "rotation_unit_rad": 2.0,
         "translation_unit_px": None, "gmm_steps": int(args.gmm_steps), "device": str(args.device), "seed": int(args.seed),
         "project_dir": None if args.project_dir is None else str(Path(args.project_dir).resolve()),
@@ -141,14 +152,16 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
     """Run (or resume) a refinement job from its parameters (``_params``); returns ``final/summary.json``.
 
     Used by :func:`main` and by ``gmmrefine demo``. Validates the input before creating anything.
+    Under torchrun or srun (:mod:`gmmrefine.distributed`) every rank reads and checks the input; rank 0
+    runs the job (GMMs, maps, every file) and the other ranks serve its passes over the particles,
+    each on its own shard. SIGTERM stops the job at the next safe point with a checkpoint
+    (:class:`gmmrefine.distributed.Interrupted`); ``--continue`` resumes it.
     """
-    import dataclasses
-
+    from gmmrefine import distributed
     from gmmrefine.io.particles import read_particles
-    from gmmrefine.pipeline.job import Job
-    from gmmrefine.refine.global_refine import run_global_refinement, settings_from_params
 
-    _check_device(params["device"])
+    ctx = distributed.init(params["device"])
+    _check_device(ctx.device)
     ps = read_particles(params["particles"], project_dir=params["project_dir"])
     for h in (1, 2):
         if not (np.asarray(ps.subset) == h).any():
@@ -157,22 +170,70 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
     if ps.box % 2:
         raise InputError(f"{ps.path}: the box is {ps.box} px; gmmrefine needs an even box.", path=str(ps.path),
                          field="rlnImageSize")
+    if not ctx.is_main:
+        return _serve(ps, ctx)
+    with distributed.leading(), distributed.stop_on_signal():
+        return _lead(params, ps, ctx, resume=resume, command_line=command_line, progress=progress)
+
+
+def _lead(params: dict, ps, ctx, *, resume: bool, command_line: list[str] | None, progress: bool) -> dict:
+    """The job itself, on rank 0 (or the only process)."""
+    import dataclasses
+
+    from gmmrefine import distributed
+    from gmmrefine.pipeline.job import Job
+    from gmmrefine.refine.global_refine import run_global_refinement, settings_from_params
+
     out = Path(params["out"])
     if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: the job folder already exists; use --continue to resume it or choose another --out.",
                          path=str(out), field="--out")
     job_params = {k: v for k, v in params.items() if k != "out"}
     job = Job(out, job_params, resume=resume, command_line=command_line)
-    settings = dataclasses.replace(settings_from_params(job_params), progress=progress)
+    if ctx.active:
+        job.log(f"{ctx.world_size} processes ({ctx.backend}); rank 0 on {ctx.device}")
+    settings = dataclasses.replace(settings_from_params(job_params), progress=progress, device=ctx.device,
+                                   checkpoint_dir=str(job.path / "checkpoint"))
     start = time.perf_counter()
-    histories = run_global_refinement(job, ps, settings)
-    if not job.is_done("final"):
-        summary = finish(job, ps, histories)
-        job.mark_done("final", resolution_A=summary["resolution_final_A"])
+    try:
+        histories = run_global_refinement(job, ps, settings, on_step=_stop_between_steps)
+        if not job.is_done("final"):
+            summary = finish(job, ps, histories)
+            job.mark_done("final", resolution_A=summary["resolution_final_A"])
+    except distributed.Interrupted as err:
+        job.log(f"{err}; resume with the same command and --continue", echo=False)
+        raise
     report = job.path / "final" / "report.html"
     job.log(f"done in {time.perf_counter() - start:.0f} s: resolution {histories[0]['resolution_A']:.2f} -> "
             f"{histories[-1]['resolution_A']:.2f} A; report {report}")
     return json.loads((job.path / "final" / "summary.json").read_text()) | {"report": str(report)}
+
+
+def _stop_between_steps(step: str) -> None:
+    """After each completed step (rank 0): stop there if a signal came."""
+    from gmmrefine import distributed
+
+    if distributed.stop_requested():
+        raise distributed.Interrupted(f"stopped by a signal after step {step}")
+
+
+def _serve(ps, ctx) -> dict:
+    """Ranks other than 0: run the half passes rank 0 sends, on this rank's device, until the job ends."""
+    import dataclasses
+
+    from gmmrefine import distributed
+    from gmmrefine.refine.global_refine import half_pass
+
+    def half_pass_task(settings, **kwargs):
+        half_pass(ps, settings=dataclasses.replace(settings, device=ctx.device, progress=False), **kwargs)
+
+    with distributed.stop_on_signal():
+        code = distributed.serve({"half_pass": half_pass_task})
+    if code == distributed.EXIT_INTERRUPTED:
+        raise distributed.Interrupted("stopped with rank 0")
+    if code:
+        raise SystemExit(code)
+    return {}
 
 
 def main(args) -> int:

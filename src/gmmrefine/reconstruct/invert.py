@@ -302,6 +302,7 @@ def accumulate_images(
     halves: tuple[int, ...] = (1, 2),
     pad: int = 2,
     device: torch.device | str = "cpu",
+    accs: dict[int, FourierAccumulator] | None = None,
 ) -> dict[int, FourierAccumulator]:
     """Fill one accumulator per half set from a stream of image chunks, in one pass.
 
@@ -312,11 +313,14 @@ def accumulate_images(
         ctf_mode: ``"flip"`` or ``"wiener"`` (see :func:`prepare_spectra`).
         symmetry: ``(K, 3, 3)`` operators (identity included) or None.
         halves: which half sets to fill.
+        accs: accumulators to add to (``{half: FourierAccumulator}``, one per half), e.g. a resumed
+            partial pass; new empty ones by default.
 
     Returns:
         ``{half: FourierAccumulator}``.
     """
-    accs = {h: FourierAccumulator(box, pad=pad, device=device) for h in halves}
+    if accs is None:
+        accs = {h: FourierAccumulator(box, pad=pad, device=device) for h in halves}
     for images, matrices, shift_A, ctf, subset in chunks:
         subset = torch.as_tensor(subset)
         for h, acc in accs.items():
@@ -357,6 +361,7 @@ def accumulate_halves(
     pad: int = 2,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    particles: np.ndarray | None = None,
 ) -> dict[int, FourierAccumulator]:
     """Accumulators of the half sets of a particle set, streamed from disk in chunks (no symmetry:
     impose it with ``reconstruct_map(acc, symmetry=symmetry_matrices(sym))``).
@@ -371,6 +376,8 @@ def accumulate_halves(
             accumulators, whatever the number of particles).
         device: where the accumulators live and the insertion runs.
         progress: show a progress bar (hidden when not on a terminal).
+        particles: indices of the particles to insert (e.g. one process's shard), in input order;
+            default: every particle of ``halves``.
 
     Raises:
         InputError: empty particle set or half set, poses of the wrong shape or not finite, unknown
@@ -394,6 +401,9 @@ def accumulate_halves(
             raise InputError(f"{ps.path}: half set {h} (rlnRandomSubset = {h}) has no particles.",
                              path=str(ps.path), field="rlnRandomSubset")
     indices = np.flatnonzero(np.isin(subset, halves))
+    if particles is not None:
+        indices = np.asarray(particles, dtype=np.int64).reshape(-1)
+        indices = indices[np.isin(subset[indices], halves)]
 
     def chunks() -> Iterator:
         bar = tqdm(total=len(indices), desc="reconstruct", unit="particle", disable=None if progress else True)

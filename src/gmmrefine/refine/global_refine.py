@@ -23,6 +23,8 @@ uninterrupted one does.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -40,7 +42,8 @@ from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import fourier_band
 from gmmrefine.io.atomic import atomic_path, write_json_atomic
 from gmmrefine.io.mrc import read_map, write_map
-from gmmrefine.refine.poses import PoseSettings, particle_band, refine_poses
+from gmmrefine.refine.poses import (DEFAULT_BATCH, PoseSettings, batch_for_memory, free_memory_bytes, particle_band,
+                                    refine_poses)
 
 HALVES = (1, 2)
 CTF_COMPARISONS = ("flip", "full")
@@ -64,6 +67,8 @@ class RefineSettings:
         gmm_steps: Adam steps of each GMM fit (:func:`gmmrefine.gmm.build.build_gmm`).
         device: torch device of the hot paths.
         progress: progress bars on a terminal.
+        checkpoint_dir: where an interrupted half pass leaves its checkpoint (None: nowhere; the pass
+            then restarts from its beginning).
     """
 
     iterations: int = 5
@@ -76,6 +81,7 @@ class RefineSettings:
     gmm_steps: int = 150
     device: str = "cpu"
     progress: bool = True
+    checkpoint_dir: str | None = None
 
 
 def quarter_labels(subset: np.ndarray) -> np.ndarray:
@@ -113,6 +119,8 @@ class HalfPass:
         quarter_fsc: ``(D//2+1,)`` FSC between the half's even and odd particles' maps.
         seconds: wall time of the pass.
         apix: pixel size (A/px).
+        batch: particles per pose batch it used.
+        resumed_rows: particles of the half whose results came from a checkpoint (all ranks).
     """
 
     indices: np.ndarray
@@ -124,6 +132,8 @@ class HalfPass:
     quarter_fsc: torch.Tensor
     seconds: float
     apix: float
+    batch: int = DEFAULT_BATCH
+    resumed_rows: int = 0
 
     @property
     def resolution_A(self) -> float:
@@ -133,9 +143,24 @@ class HalfPass:
 
 
 def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settings: RefineSettings, *,
-              gmm: GaussianMixture | None = None, maxres_A: float | None = None, desc: str = "") -> HalfPass:
+              gmm: GaussianMixture | None = None, maxres_A: float | None = None, desc: str = "") -> HalfPass | None:
     """Read the particles of ``half`` in chunks, refine their poses against ``gmm`` (if given) and
     reconstruct the half at the resulting poses.
+
+    The half's particles (input order) are processed in blocks of whole pose batches
+    (:func:`block_rows`): a block's CTFs and band coefficients are made, its poses refined and its images
+    inserted before the next block starts, so memory does not grow with the chunk or the half, and
+    block boundaries are the safe points where a stop signal is honoured (a checkpoint of the partial
+    accumulators and poses is written under ``settings.checkpoint_dir``; the same call resumes from it,
+    bit-identically). Images are read from disk ``chunk_rows`` at a time, one reader per chunk, so no
+    page of the memory-mapped stacks stays mapped after its chunk.
+
+    With several processes (:mod:`gmmrefine.distributed`), rank 0 calls this function and sends its
+    arguments to the other ranks, which run it too; each rank takes its shard of the half's blocks
+    (:func:`gmmrefine.distributed.shard`), the accumulators are summed by all-reduce and the poses
+    gathered, and rank 0 alone makes the maps. Particles never interact, and shards are whole blocks,
+    so every particle is refined exactly as in a single process; the maps differ only in the order the
+    accumulators were summed.
 
     Args:
         ps: :class:`~gmmrefine.io.particles.ParticleSet`.
@@ -148,14 +173,25 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
         desc: progress bar label.
 
     Returns:
-        :class:`HalfPass`.
+        :class:`HalfPass` (None on ranks other than 0).
+
+    Raises:
+        gmmrefine.distributed.Interrupted: a stop signal arrived; the checkpoint is written.
     """
+    task = dict(locals())  # first: exactly the arguments, which the other ranks get as they are
     from tqdm import tqdm
 
-    from gmmrefine.fourier.ctf import ctf_for_box
-    from gmmrefine.io.particles import iter_image_chunks
-    from gmmrefine.reconstruct.invert import accumulate_images, reconstruct_map
+    from gmmrefine import distributed
+    from gmmrefine.io.particles import read_images
+    from gmmrefine.reconstruct.insert import FourierAccumulator
+    from gmmrefine.reconstruct.invert import _ctf_of, accumulate_images, reconstruct_map, release_free_memory
 
+    ctx = distributed.current()
+    if ctx.active and ctx.is_main:
+        task.pop("ps")
+        if gmm is not None:
+            task["gmm"] = gmm.to(device="cpu")
+        distributed.send_task("half_pass", task)
     device = torch.device(settings.device)
     t_start = time.perf_counter()
     indices = ps.half(half)
@@ -166,21 +202,54 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     frc_start = np.full(n, np.nan)
     frc_end = np.full(n, np.nan)
     band = None
+    pose = settings.pose
     if gmm is not None:
         band = fourier_band(ps.box, ps.apix, settings.minres_A, maxres_A, device=device)
         gmm = gmm.to(device=device, dtype=torch.float32)
+        pose = resolve_batch(pose, device, gmm.n, band, ps.box)
+        if ctx.active:  # every rank must cut the same blocks: the batch the tightest GPU allows
+            pose = dataclasses.replace(pose, batch=distributed.all_min(pose.batch))
+    block = block_rows(pose.batch or DEFAULT_BATCH, ps.box)
+    chunk = chunk_rows(settings.chunk, ps.box, block)
+    lo, hi = distributed.shard(n, block)
+    my_blocks = [(s, min(s + block, hi)) for s in range(lo, hi, block)]
+    n_steps = distributed.max_blocks(n, block)
+    accs = {q: FourierAccumulator(ps.box, device=device) for q in (1, 2)}
+    arrays = (new_angles, new_shift, frc_start, frc_end)
+    ckpt = None
+    if settings.checkpoint_dir is not None:
+        key = pass_key(ps, half, angles_deg, shift_A, gmm, maxres_A, settings, pose)
+        ckpt = Path(settings.checkpoint_dir) / f"{key}.rank{ctx.rank}of{ctx.world_size}.pt"
+    first = _resume(ckpt, accs, arrays, lo, hi, device)
+    shards = [distributed.shard(n, block, r, ctx.world_size) for r in range(ctx.world_size)]
+    resumed = sum(min(a + first * block, b) - a for a, b in shards)
 
-    def chunks():
-        bar = tqdm(total=n, desc=desc or f"half {half}", unit="particle", disable=None if settings.progress else True)
-        offset = 0
+    def blocks():
+        bar = tqdm(total=hi - lo, initial=min(first * block, hi - lo), desc=desc or f"half {half}", unit="particle",
+                   disable=None if settings.progress else True)
+        images, img_lo, img_hi = None, lo, lo
         try:
-            for idx, images in iter_image_chunks(ps, indices, settings.chunk):
-                # Chunks come in the order of ``indices``: rows of this half's arrays.
-                rows = np.arange(offset, offset + len(idx))
-                offset += len(idx)
-                img = torch.from_numpy(images).to(device)
-                ctf = ctf_for_box(ps.box, ps.apix, **ps.ctf.as_tensors(idx, device=device)).to(
-                    device=device, dtype=torch.float32)
+            for step in range(first, n_steps):
+                # A safe point: the blocks before it are inserted, the ones after it untouched.
+                if distributed.stop_agreed():
+                    done_rows = min(lo + step * block, hi) - lo
+                    if ckpt is not None and step > first:  # (at ``first`` the checkpoint, if any, is on disk)
+                        _save_checkpoint(ckpt, accs, arrays, lo, hi, step)
+                    raise distributed.Interrupted(
+                        f"{desc or f'half {half}'}: stopped by a signal after {done_rows} of this process's "
+                        f"{hi - lo} particles" + ("; checkpoint written" if ckpt is not None else ""))
+                if step >= len(my_blocks):
+                    continue  # this rank's shard is one block shorter than the longest
+                s, e = my_blocks[step]
+                if e > img_hi:
+                    # One reader per chunk: its memory maps close with it.
+                    img_lo, img_hi = s, min(s + chunk, hi)
+                    images = None
+                    images = read_images(ps, indices[img_lo:img_hi])
+                rows = np.arange(s, e)
+                idx = indices[rows]
+                img = torch.from_numpy(images[s - img_lo:e - img_lo]).to(device)
+                ctf = _ctf_of(ps, idx, device)
                 matrices = euler_to_matrix(torch.as_tensor(new_angles[rows], device=device)).to(torch.float32)
                 shifts = torch.as_tensor(new_shift[rows], device=device, dtype=torch.float64)
                 if gmm is not None:
@@ -191,7 +260,7 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
                     else:
                         target = particle_band(img, band, ctf)
                         ctf_band = None
-                    res = refine_poses(gmm, target, matrices, t0, band, settings.pose, ctf=ctf_band)
+                    res = refine_poses(gmm, target, matrices, t0, band, pose, ctf=ctf_band)
                     matrices = res.rotations
                     # origin = -translation * apix; keep float64 where the float32 update adds nothing.
                     shifts = shifts - (res.translation_px.to(torch.float64) - t0.to(torch.float64)) * ps.apix
@@ -207,13 +276,110 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
         finally:
             bar.close()
 
-    accs = accumulate_images(chunks(), ps.box, ps.apix, ctf_mode=settings.reconstruct_ctf, halves=(1, 2),
-                             device=device)
+    accs = accumulate_images(blocks(), ps.box, ps.apix, ctf_mode=settings.reconstruct_ctf, halves=(1, 2),
+                             device=device, accs=accs)
+    if ctx.active:
+        distributed.sum_accumulators_(accs)
+        for a, b, *parts in distributed.all_gather_object((lo, hi, *(x[lo:hi] for x in arrays))):
+            for x, part in zip(arrays, parts):
+                x[a:b] = part
+        distributed.task_done()
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
+        if ctx.is_main:  # left by an interrupted run with another number of processes
+            for stale in ckpt.parent.glob(f"{key}.rank*.pt"):
+                stale.unlink(missing_ok=True)
+    if not ctx.is_main:
+        return None
     quarter = quarter_map_fsc(accs[1], accs[2])
     half_map = reconstruct_map(accs[1].add_(accs.pop(2)), consume=True).cpu()
+    del accs
+    release_free_memory()
     return HalfPass(indices=indices, angles_deg=new_angles, shift_A=new_shift, frc_start=frc_start,
                     frc_end=frc_end, half_map=half_map, quarter_fsc=quarter, seconds=time.perf_counter() - t_start,
-                    apix=ps.apix)
+                    apix=ps.apix, batch=int(pose.batch or DEFAULT_BATCH), resumed_rows=resumed)
+
+
+# Pose batches per block, the unit of work between two safe points (~2 s on these 2 CPU cores at box
+# 128, 10 steps; a stop signal is honoured within one block, well inside the 30 s torchrun and SLURM
+# give by default before they kill).
+_BATCHES_PER_BLOCK = 4
+# A block's images take at most this many bytes (its CTFs, spectra and band coefficients scale with it).
+_BLOCK_BYTES = 64 * 2**20
+#: Images read from disk at a time take at most this many bytes (float32), whatever ``--chunk`` says:
+#: at box 128 the paper's 20,000 particles would be 1.3 GB, and their CTFs 0.7 GB more.
+CHUNK_BYTES = 64 * 2**20
+
+
+def block_rows(batch: int, box: int) -> int:
+    """Particles per block: ``_BATCHES_PER_BLOCK`` pose batches of ``batch``, fewer when a block's
+    images would pass ``_BLOCK_BYTES`` (at least one batch)."""
+    per_batch = max(int(batch), 1) * box * box * 4
+    return max(int(batch), 1) * max(1, min(_BATCHES_PER_BLOCK, _BLOCK_BYTES // per_batch))
+
+
+def chunk_rows(chunk: int, box: int, block: int) -> int:
+    """Particles read from disk at a time: ``chunk`` (``--chunk``), at most :data:`CHUNK_BYTES` of
+    float32 images, in whole blocks (at least one)."""
+    limit = min(int(chunk), CHUNK_BYTES // (box * box * 4))
+    return max(block, limit // block * block)
+
+
+def resolve_batch(pose: PoseSettings, device: torch.device, n_gaussians: int, band, box: int) -> PoseSettings:
+    """``pose`` with its batch set: as given, else (``--batch auto``) from the free memory of a CUDA
+    device (:func:`gmmrefine.refine.poses.batch_for_memory`), else the paper's 16."""
+    if pose.batch:
+        return pose
+    free = free_memory_bytes(device)
+    batch = DEFAULT_BATCH if free is None else batch_for_memory(free, n_gaussians, band, box)
+    return dataclasses.replace(pose, batch=batch)
+
+
+def pass_key(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, gmm: GaussianMixture | None,
+             maxres_A: float | None, settings: RefineSettings, pose: PoseSettings) -> str:
+    """A digest of everything a half pass's result depends on: a checkpoint is resumed only by the same
+    pass (a stale one, of another step or other settings, is ignored)."""
+    h = hashlib.sha256()
+    idx = ps.half(half)
+    h.update(repr((str(ps.path), len(ps), ps.box, float(ps.apix), half, maxres_A, settings.minres_A,
+                   settings.ctf, settings.reconstruct_ctf, pose)).encode())
+    h.update(np.ascontiguousarray(np.asarray(angles_deg, dtype=np.float64)[idx]).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(shift_A, dtype=np.float64)[idx]).tobytes())
+    if gmm is not None:
+        for t in (gmm.centers_A, gmm.amplitudes, gmm.widths_A):
+            h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _save_checkpoint(path: Path, accs: dict, arrays: tuple, lo: int, hi: int, step: int) -> None:
+    """This rank's partial pass: its accumulators and its shard's poses after ``step`` blocks."""
+    from gmmrefine.io.atomic import atomic_path
+
+    state = {"step": step, "lo": lo, "hi": hi, "arrays": [torch.from_numpy(x[lo:hi].copy()) for x in arrays],
+             "accs": {q: {"data": a.data, "weight": a.weight, "count": a.count} for q, a in accs.items()}}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _resume(path: Path | None, accs: dict, arrays: tuple, lo: int, hi: int, device) -> int:
+    """Load this rank's checkpoint into ``accs`` and ``arrays`` if every rank has one of the same step;
+    returns the first block to process (0: start afresh)."""
+    from gmmrefine import distributed
+
+    state = None
+    if path is not None and path.is_file():
+        state = torch.load(path, map_location=device, weights_only=True)
+        if (state["lo"], state["hi"]) != (lo, hi):
+            state = None
+    step = 0 if state is None else int(state["step"])
+    lowest, highest = distributed.all_min(step), distributed.all_max(step)
+    if lowest != highest or step == 0:
+        return 0
+    for q, a in accs.items():
+        a.data, a.weight, a.count = state["accs"][q]["data"], state["accs"][q]["weight"], int(state["accs"][q]["count"])
+    for x, part in zip(arrays, state["arrays"]):
+        x[lo:hi] = part.numpy()
+    return step
 
 
 def quarter_map_fsc(a, b) -> torch.Tensor:
@@ -416,7 +582,8 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
                 write_map(d / f"half{h}.mrc", p.half_map.numpy(), apix)
                 info = _resolution_json(d / f"half{h}_resolution.json", p, box)
                 done(step, resolution_A=info["resolution_A"], seconds=p.seconds,
-                     particles_per_s=len(p.indices) / max(p.seconds, 1e-9))
+                     particles_per_s=len(p.indices) / max(p.seconds, 1e-9), batch=p.batch,
+                     resumed_particles=p.resumed_rows)
         step = f"{it_dir(k)}/fsc"
         if not job.is_done(step):
             fsc = _gold_fsc(job, k, apix)
@@ -443,7 +610,9 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
 
 def settings_from_params(params: dict) -> RefineSettings:
     """:class:`RefineSettings` from a job's parameter dictionary (``job.json``)."""
-    pose = PoseSettings(steps=int(params["steps"]), lr=float(params["lr"]), batch=int(params["batch"]),
+    batch = params["batch"]
+    pose = PoseSettings(steps=int(params["steps"]), lr=float(params["lr"]),
+                        batch=None if batch in (None, "auto") else int(batch),
                         rotation_unit_rad=float(params.get("rotation_unit_rad", 2.0)),
                         translation_unit_px=params.get("translation_unit_px"))
     res = params.get("resolution_start")

@@ -58,7 +58,10 @@ class PoseSettings:
     Attributes:
         steps: Adam steps per particle.
         lr: Adam learning rate (in parameter units, see the module docstring).
-        batch: particles projected together (memory / speed only; results do not depend on it).
+        batch: particles projected together (memory / speed only; results do not depend on it). None
+            (``--batch auto``): the caller chooses (``global_refine.resolve_batch``: from the free
+            memory of a CUDA device, else :data:`DEFAULT_BATCH`); :func:`refine_poses` takes None as
+            :data:`DEFAULT_BATCH`.
         rotation_unit_rad: radians of rotation per unit of the rotation parameter.
         translation_unit_px: pixels of translation per unit of the shift parameter; None means the box
             size (shifts in fractions of the box, as EMAN2).
@@ -68,7 +71,7 @@ class PoseSettings:
 
     steps: int = DEFAULT_STEPS
     lr: float = DEFAULT_LR
-    batch: int = DEFAULT_BATCH
+    batch: int | None = DEFAULT_BATCH
     rotation_unit_rad: float = DEFAULT_ROTATION_UNIT_RAD
     translation_unit_px: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
@@ -168,7 +171,7 @@ def refine_poses(gmm, particles: torch.Tensor, rotations: torch.Tensor, translat
     frc_start = torch.empty(n, device=device, dtype=torch.float32)
     frc_end = torch.empty(n, device=device, dtype=torch.float32)
     b1, b2 = settings.betas
-    batch = max(int(settings.batch), 1)
+    batch = max(int(settings.batch or DEFAULT_BATCH), 1)
     for s in range(0, n, batch):
         sl = slice(s, min(s + batch, n))
         target, rot0, t0 = particles[sl], rot0_all[sl], t0_all[sl]
@@ -207,3 +210,36 @@ def refine_poses(gmm, particles: torch.Tensor, rotations: torch.Tensor, translat
 def max_rotation_per_iteration_deg(settings: PoseSettings) -> float:
     """Largest rotation one call can apply (all three components moving ``steps * lr``), degrees."""
     return math.degrees(settings.steps * settings.lr * settings.rotation_unit_rad * math.sqrt(3))
+
+
+# Bytes one particle of a pose batch needs on a CUDA device, per Gaussian and table column (K + 1):
+# the separable projector keeps 16 N (K + 1) bytes of tables per particle for its backward; on the CPU
+# it works through the Gaussians in chunks, and the peak RSS growth of a step measured here was
+# 18.5 N (K + 1) bytes per particle (N = 4,000, K = 38 and N = 8,000, K = 72; batch 4 to 64). On CUDA
+# all Gaussians go at once, so the tables, their gradients and the backward's products are alive
+# together: four times the tables is assumed (not measured: no GPU here).
+_CUDA_BYTES_PER_TABLE_ENTRY = 64
+
+
+def batch_bytes_per_particle(n_gaussians: int, band: FourierBand, box: int) -> int:
+    """Device memory one particle of a pose batch takes on CUDA (estimate; see above): projector
+    tables, band coefficients and CTF (``P`` complex values each, with gradients), and the block's
+    image, CTF and spectrum (``~4 D^2`` floats)."""
+    return (_CUDA_BYTES_PER_TABLE_ENTRY * n_gaussians * (band.k_max + 1) + 64 * band.n_pixels
+            + 16 * box * box)
+
+
+def batch_for_memory(free_bytes: int, n_gaussians: int, band: FourierBand, box: int, *,
+                     fraction: float = 0.5, most: int = 1024) -> int:
+    """Pose batch that fills ``fraction`` of ``free_bytes`` of device memory (``--batch auto`` on
+    CUDA); between 1 and ``most``. Results do not depend on the batch, only speed and memory do."""
+    per = batch_bytes_per_particle(n_gaussians, band, box)
+    return int(max(1, min(most, int(fraction * free_bytes) // per)))
+
+
+def free_memory_bytes(device) -> int | None:
+    """Free memory of a CUDA device in bytes (``torch.cuda.mem_get_info``); None for other devices."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
