@@ -135,7 +135,12 @@ def setup_patches(job, start_dir: Path, k: int, box: int, apix: float, *, start_
     if job.is_done("patches/setup"):
         return json.loads(plan_path.read_text())
     gmms = {h: GaussianMixture.load(start_dir / f"gmm_half{h}.npz") for h in HALVES}
-    check_patch_count(k, gmms, str(start_dir))
+    try:
+        check_patch_count(k, gmms, str(start_dir))
+    except InputError as err:
+        # Only known once the job's GMMs exist: the global refinement stays usable.
+        raise InputError(f"{err} The global refinement in {job.path} is complete; run the patches from it with "
+                         f"--from-job {job.path} --iterations 0 --patches K.", field="--patches") from None
     seed = job.seed_for("patches/kmeans")  # a user input (the job seed), the same for both halves
     halves = {h: half_patches(gmms[h], k, seed) for h in HALVES}
     order = match_patches(halves[1].centers_A, halves[2].centers_A)
