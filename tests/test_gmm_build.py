@@ -106,3 +106,17 @@ def test_cli_build_gmm(tmp_path, adk_open_pdb, capsys):
     rc = cli_main(["build-gmm", "--map", str(tmp_path / "m.mrc"), "--resolution", "8", "--n", "100000",
                    "--out", str(tmp_path / "y.npz")])
     assert rc == 2 and "voxels lie above" in capsys.readouterr().err and not (tmp_path / "y.npz").exists()
+
+
+def test_estimated_number_of_gaussians_never_exceeds_the_voxels_to_seed_from():
+    # Sparse bright voxels far apart: k-means spacing >> the target spacing, so the correction of the
+    # first estimate asks for far more Gaussians than there are voxels (it used to raise).
+    vol = torch.zeros(16, 16, 16)
+    idx = torch.arange(0, 16, 4)
+    vol[idx[:, None, None], idx[None, :, None], idx[None, None, :]] = 1.0
+    from gmmrefine.gmm.build import build_gmm, count_seed_voxels
+
+    count = count_seed_voxels(vol)
+    assert count == 64
+    gmm, info = build_gmm(vol, 1.0, 2.0, seed=0, steps=5)
+    assert gmm.n == count and info["seeding"] == "k-means"

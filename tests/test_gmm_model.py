@@ -79,8 +79,15 @@ def test_width_mask_formula():
     gmm = GaussianMixture(torch.tensor([[4.0, 0, 0], [2.0, 0, 0], [4.0, 0, 1.0]]), torch.ones(3), torch.ones(3))
     out = width_mask(gmm, mask, apix)
     # M = 1, 0 and 0.5 (trilinear, half a voxel along z): s / (0.25 + 0.75 M)
-    assert torch.allclose(out.widths_A, torch.tensor([1.0, 4.0, 1.0 / (0.25 + 0.375)]))
-    assert torch.equal(out.amplitudes, gmm.amplitudes) and torch.equal(out.centers_A, gmm.centers_A)
+    factor = torch.tensor([1.0, 4.0, 1.0 / (0.25 + 0.375)])
+    assert torch.allclose(out.widths_A, factor)
+    assert torch.equal(out.centers_A, gmm.centers_A)
+    # Each Gaussian keeps its mass (A s^3): the rendered maps integrate to the same total.
+    assert torch.allclose(out.amplitudes, gmm.amplitudes / factor**3)
+    g = GaussianMixture(torch.tensor([[2.0, 0, 0], [-3.0, 1.0, 0]]), torch.tensor([1.0, 2.0]), torch.tensor([1.5, 2.0]))
+    wide = width_mask(g, torch.zeros(96, 96, 96), 1.0)
+    assert torch.allclose(wide.widths_A, 4 * g.widths_A)
+    assert torch.allclose(wide.render_map(96, 1.0).sum(), g.render_map(96, 1.0).sum(), rtol=1e-4)
 
 
 def test_kmeans_patches_separate_clusters():

@@ -170,3 +170,32 @@ def test_output_does_not_depend_on_the_chunk_size(adk_open_pdb, tmp_path):
                      "--chunk", chunk, "--out", str(out)]) == 0
         runs.append(mrcfile.read(out / "particles.mrcs"))
     assert np.array_equal(runs[0], runs[1]) and np.abs(runs[0]).max() > 0
+
+
+def test_symmetric_assembly_with_independently_hinged_copies(adk_open_pdb, tmp_path):
+    from gmmrefine.fourier.masks import radius_grid
+    from gmmrefine.geometry.symmetry import rotate_map, symmetry_operators
+    from gmmrefine.refine.composite import symmetry_error
+
+    out = tmp_path / "c3"
+    assert main(["simulate", "--model", str(adk_open_pdb), "--box", "40", "--apix", "3.0", "--n", "20", "--snr",
+                 "inf", "--sym", "C3", "--sym-offset-A", "20", "--hinge-residues", "1-110", "--hinge-deg", "20",
+                 "--seed", "4", "--out", str(out)]) == 0
+    truth = _particles(out / "truth.star")
+    angles = truth[["gmmDomainAngle1", "gmmDomainAngle2", "gmmDomainAngle3"]].to_numpy()
+    assert np.abs(angles).max() <= 20 and np.abs(angles).max() > 15
+    # Each copy moves on its own: the copies' angles are not the same numbers.
+    assert np.abs(angles[:, 0] - angles[:, 1]).mean() > 5 and np.abs(angles[:, 1] - angles[:, 2]).mean() > 5
+    h2 = euler_to_matrix(torch.tensor(truth[["gmmDomainRot2", "gmmDomainTilt2", "gmmDomainPsi2"]].to_numpy()))
+    assert np.allclose(rotation_angle_deg(h2, torch.eye(3, dtype=torch.float64)).numpy(), np.abs(angles[:, 1]),
+                       atol=1e-4)
+    vol = torch.tensor(mrcfile.read(out / "truth_map.mrc"))
+    inner = radius_grid(40) < 16
+    # The consensus (every domain at angle 0) is C3-symmetric to the accuracy of 120-degree resampling.
+    assert symmetry_error(vol, "C3", inner, blur_px=1.5) < 1e-3
+    assert symmetry_error(vol, "C2", inner, blur_px=1.5) > 0.1
+    # domain_mask.mrc covers the first copy's domain only.
+    mask = torch.tensor(mrcfile.read(out / "domain_mask.mrc"))
+    assert 0 <= float(mask.min()) and float(mask.max()) == 1.0
+    turned = rotate_map(mask, symmetry_operators("C3")[1])
+    assert float((mask * turned).sum()) < 0.2 * float(mask.sum())

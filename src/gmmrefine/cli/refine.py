@@ -1,4 +1,5 @@
-"""``gmmrefine refine``: gold-standard global GMM pose refinement of an existing consensus refinement."""
+"""``gmmrefine refine``: gold-standard GMM pose refinement of an existing consensus refinement: global, focused
+(``--focus-mask``), patch by patch (``--patches``), with symmetry (``--sym``)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,19 @@ DESCRIPTION = (
     "iteration) or warm-start its GMM, refine every particle's rotation and shift by Adam on the band-limited "
     "FRC against that GMM, reconstruct at the new poses; then the gold-standard FSC between the halves. "
     "Writes a job folder (job.json, log.txt, itNNN/, final/ with particles.star, half maps, the filtered "
-    "map, plots and report.html). A killed job resumes with --continue."
+    "map, plots and report.html). A killed job resumes with --continue. "
+    "--focus-mask M.mrc aligns to GMMs whose Gaussians outside the mask are widened (focused refinement); "
+    "--patches K adds patch-by-patch refinement after the global one (k-means patches of each half's GMM, "
+    "--patch-iterations focused iterations per patch, a composite map per half in final/, per-patch poses in "
+    "patches/pNN/particles.star); --sym imposes a point group on the global refinement and symmetry-expands "
+    "the particles for focused and patch work (symmetry re-imposed on the composite); --from-job starts from "
+    "a finished job's poses and GMMs."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--particles", type=Path, required=True,
-                        help="RELION STAR (3.0-5) or cryoSPARC .cs of a consensus refinement")
+    parser.add_argument("--particles", type=Path, default=None,
+                        help="RELION STAR (3.0-5) or cryoSPARC .cs of a consensus refinement (or give --from-job)")
     parser.add_argument("--out", type=Path, required=True, help="job folder (must not exist unless --continue)")
     parser.add_argument("--iterations", type=int, default=5, help="refinement iterations")
     parser.add_argument("--resolution-start", default="auto",
@@ -47,7 +54,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (GMM seeding)")
     parser.add_argument("--project-dir", type=Path, default=None, help="cryoSPARC project folder (.cs input)")
     parser.add_argument("--continue", dest="resume", action="store_true",
-                        help="resume an interrupted job in --out (same parameters)")
+                        help="resume an interrupted job in --out (same parameters; --jobs and --device may change)")
+    group = parser.add_argument_group("focused and patch-by-patch refinement, symmetry")
+    group.add_argument("--from-job", type=Path, default=None,
+                       help="start from a finished gmmrefine refine job: its final/particles.star (poses, half "
+                            "split) and its last GMMs as warm start (instead of --particles)")
+    group.add_argument("--focus-mask", type=Path, default=None,
+                       help="mask (MRC, the particles' box and pixel size, values 0..1): focused refinement, "
+                            "Gaussians outside it widened s' = s / (0.25 + 0.75 M) for the alignment")
+    group.add_argument("--patches", type=int, nargs="?", const=8, default=None, metavar="K",
+                       help="after the global refinement, patch-by-patch refinement with K patches per half "
+                            "(8 when given without a number) and a composite map")
+    group.add_argument("--patch-iterations", type=int, default=3,
+                       help="focused iterations per patch (paper: 3)")
+    group.add_argument("--sym", default="C1",
+                       help="point group (C<n>, D<n>, T, O, I): symmetrised global reconstructions; focused and "
+                            "patch work on symmetry-expanded particles, symmetry re-imposed on the composite")
+    group.add_argument("--jobs", type=int, default=1,
+                       help="patches refined at a time, in parallel processes (results identical to --jobs 1)")
 
 
 def _params(args) -> dict:
@@ -70,20 +94,43 @@ def _params(args) -> dict:
             batch = 0
         if batch < 1:
             raise InputError(f"--batch: expected 'auto' or an integer >= 1, got {args.batch!r}.", field="--batch")
-    checks = [("--iterations", args.iterations >= 1, "an integer >= 1"),
+    from gmmrefine.geometry.symmetry import symmetry_operators
+
+    symmetry_operators(str(args.sym))  # InputError naming the group for a bad --sym
+    if args.particles is not None and args.from_job is not None:
+        raise InputError("--particles and --from-job exclude each other: --from-job takes the particles and "
+                         "poses of the job's final/particles.star.", field="--from-job")
+    if args.particles is None and args.from_job is None:
+        raise InputError("give --particles (a STAR or .cs file) or --from-job (a finished gmmrefine refine job).",
+                         field="--particles")
+    if args.focus_mask is not None and args.patches is not None:
+        raise InputError("--focus-mask and --patches exclude each other: patch-by-patch refinement makes its own "
+                         "masks; run it with --from-job on the focused job if both are wanted.", field="--patches")
+    min_iterations = 0 if (args.from_job is not None and args.patches is not None) else 1
+    checks = [("--iterations", args.iterations >= min_iterations,
+               "an integer >= 1 (0 only with --from-job and --patches)"),
               ("--chunk", args.chunk >= 1, "an integer >= 1"), ("--steps", args.steps >= 0, "an integer >= 0"),
               ("--gmm-steps", args.gmm_steps >= 1, "an integer >= 1"),
               ("--lr", math.isfinite(args.lr) and args.lr > 0, "a positive number"),
-              ("--minres", math.isfinite(args.minres) and args.minres > 0, "a positive resolution in A")]
+              ("--minres", math.isfinite(args.minres) and args.minres > 0, "a positive resolution in A"),
+              ("--patches", args.patches is None or args.patches >= 1, "a number of patches K >= 1"),
+              ("--patch-iterations", args.patch_iterations >= 1, "an integer >= 1"),
+              ("--jobs", args.jobs >= 1, "an integer >= 1")]
     for name, ok, expected in checks:
         if not ok:
             raise InputError(f"{name}: expected {expected}, got {getattr(args, name[2:].replace('-', '_'))}.", field=name)
+    from_job = None if args.from_job is None else Path(args.from_job).resolve()
+    particles = (from_job / "final" / "particles.star") if from_job is not None else Path(args.particles).resolve()
     return {
-        "particles": str(Path(args.particles).resolve()), "iterations": int(args.iterations), "resolution_start": res,
+        "particles": str(particles), "iterations": int(args.iterations), "resolution_start": res,
         "minres": float(args.minres), "batch": batch, "chunk": int(args.chunk), "steps": int(args.steps),
         "lr": float(args.lr), "ctf": args.ctf, "reconstruct_ctf": "wiener", "rotation_unit_rad": 2.0,
         "translation_unit_px": None, "gmm_steps": int(args.gmm_steps), "device": str(args.device), "seed": int(args.seed),
         "project_dir": None if args.project_dir is None else str(Path(args.project_dir).resolve()),
+        "from_job": None if from_job is None else str(from_job),
+        "focus_mask": None if args.focus_mask is None else str(Path(args.focus_mask).resolve()),
+        "patches": None if args.patches is None else int(args.patches), "patch_iterations": int(args.patch_iterations),
+        "sym": str(args.sym).strip().upper(), "jobs": int(args.jobs),
     }
 
 
@@ -130,10 +177,7 @@ def finish(job, ps, histories: list[dict]) -> dict:
                                                                 "mean_change_px", "std_change_px", "seconds")}
                                  for h in histories]}
     write_json_atomic(final / "summary.json", summary)
-    report = write_report(job.path, extra_rows={
-        "particles": str(len(ps)), "box / pixel size": f"{ps.box} px / {ps.apix:g} A",
-        "resolution at start": f"{histories[0]['resolution_A']:.2f} A",
-        "resolution after refinement": f"{last['resolution_A']:.2f} A"})
+    report = write_report(job.path, extra_rows=_extra_rows(job, ps, histories))
     summary["report"] = str(report)
     return summary
 
@@ -147,9 +191,86 @@ def params_for(particles, out, *options: str) -> dict:
     return _params(args) | {"out": str(args.out)}
 
 
+def _finished_job(path: Path) -> dict:
+    """The parameters of a finished ``gmmrefine refine`` job (``--from-job``), or InputError."""
+    state = path / "state.json"
+    try:
+        done = json.loads(state.read_text())["done"]
+        params = json.loads((path / "job.json").read_text())["params"]
+    except (OSError, KeyError, ValueError):
+        raise InputError(f"{path}: --from-job needs a gmmrefine refine job folder (job.json, state.json); none "
+                         "was found.", path=str(path), field="--from-job") from None
+    if "final" not in done or not (path / "final" / "particles.star").is_file():
+        raise InputError(f"{path}: --from-job needs a finished job; this one has not completed its final step "
+                         "(resume it with --continue first).", path=str(path), field="--from-job")
+    if params.get("focus_mask") and str(params.get("sym", "C1")).upper() != "C1":
+        raise InputError(f"{path}: --from-job: this job's poses are symmetry-expanded (focused refinement with "
+                         f"--sym {params['sym']}); start from its global refinement instead.", path=str(path),
+                         field="--from-job")
+    return params
+
+
+def _extra_rows(job, ps, histories: list[dict]) -> dict[str, str]:
+    rows = {"particles": str(len(ps)), "box / pixel size": f"{ps.box} px / {ps.apix:g} A",
+            "resolution at start": f"{histories[0]['resolution_A']:.2f} A",
+            "resolution after refinement": f"{histories[-1]['resolution_A']:.2f} A"}
+    focus = job.path / "final" / "focus_fsc.json"
+    if focus.is_file():
+        f = json.loads(focus.read_text())
+        rows["focus mask: masked resolution start -> final"] = (
+            f"{f['start']['resolution_A']:.2f} A -> {f['final']['resolution_A']:.2f} A")
+    composite = job.path / "final" / "composite_fsc.json"
+    if composite.is_file():
+        c = json.loads(composite.read_text())
+        rows["composite resolution (final/composite_half1/2.mrc)"] = f"{c['resolution_A']:.2f} A"
+        if "symmetry_error_of_map" in c:
+            rows[f"composite map: {c['symmetry']} symmetry error, max |R_g V - V| / peak (raw / blurred 1.5 px; "
+                 "symmetrised start map blurred)"] = (
+                f"{c['symmetry_error_of_map']:.2e} / {c['symmetry_error_of_map_blur1.5px']:.2e}; "
+                f"{c['symmetry_error_of_start_map_blur1.5px']:.2e}")
+    return rows
+
+
+def _focus_outputs(job, mask, symmetry: str, apix: float, k: int) -> None:
+    """``final/focus_fsc.json`` (masked FSC in the focus mask, start and final); with a point group the
+    re-symmetrised halves ``final/composite_half{h}.mrc`` and their FSC."""
+    import torch
+
+    from gmmrefine.geometry.symmetry import symmetry_operators
+    from gmmrefine.io.atomic import write_json_atomic
+    from gmmrefine.io.mrc import read_map, write_map
+    from gmmrefine.refine.composite import composite_map
+    from gmmrefine.refine.focused import masked_resolution
+    from gmmrefine.refine.global_refine import it_dir
+    from gmmrefine.refine.patches import composite_outputs
+
+    final = job.path / "final"
+    start_dir, last_dir = job.path / it_dir(0), job.path / it_dir(k)
+    if not job.is_done("final/focus"):
+        seed = job.seed_for("final/focus")
+        maps = {name: [torch.as_tensor(read_map(d / f"half{h}.mrc")[0]) for h in (1, 2)]
+                for name, d in (("start", start_dir), ("final", last_dir))}
+        info = {name: masked_resolution(*m, mask, apix, seed=seed) for name, m in maps.items()}
+        write_json_atomic(final / "focus_fsc.json", info)
+        job.mark_done("final/focus", resolution_A=info["final"]["resolution_A"])
+        job.log(f"focus mask: masked resolution {info['start']['resolution_A']:.2f} -> "
+                f"{info['final']['resolution_A']:.2f} A")
+    if symmetry_operators(symmetry).shape[0] > 1 and not job.is_done("final/composite"):
+        for h in (1, 2):
+            focused = torch.as_tensor(read_map(last_dir / f"half{h}.mrc")[0])
+            fallback = torch.as_tensor(read_map(start_dir / f"half{h}.mrc")[0])
+            write_map(final / f"composite_half{h}.mrc",
+                      composite_map([focused], [mask], fallback, symmetry=symmetry).numpy(), apix)
+        info = composite_outputs(job, "composite", symmetry, apix, start_dir=start_dir)
+        write_json_atomic(final / "composite_fsc.json", info)
+        job.mark_done("final/composite", resolution_A=info["resolution_A"])
+        job.log(f"{symmetry} re-imposed on the focused halves: resolution {info['resolution_A']:.2f} A")
+
+
 def run(params: dict, *, resume: bool = False, command_line: list[str] | None = None,
         progress: bool = True) -> dict:
-    """Run (or resume) a refinement job from its parameters (``_params``); returns ``final/summary.json``.
+    """Run (or resume) a refinement job from its parameters (``_params``); returns ``final/summary.json``
+    (plus ``composite``: ``final/composite_fsc.json`` when there is one).
 
     Used by :func:`main` and by ``gmmrefine demo``. Validates the input before creating anything.
     Under torchrun or srun (:mod:`gmmrefine.distributed`) every rank reads and checks the input; rank 0
@@ -157,11 +278,21 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
     each on its own shard. SIGTERM stops the job at the next safe point with a checkpoint
     (:class:`gmmrefine.distributed.Interrupted`); ``--continue`` resumes it.
     """
+    import dataclasses
+
     from gmmrefine import distributed
+    from gmmrefine.geometry.symmetry import symmetry_operators
     from gmmrefine.io.particles import read_particles
 
     ctx = distributed.init(params["device"])
     _check_device(ctx.device)
+    from_job = None if params.get("from_job") is None else Path(params["from_job"])
+    gmm_dir = None
+    if from_job is not None:
+        _finished_job(from_job)
+        from gmmrefine.hetero.outputs import job_inputs
+
+        gmm_dir = Path(job_inputs(from_job).gmms[1]).parent
     ps = read_particles(params["particles"], project_dir=params["project_dir"])
     for h in (1, 2):
         if not (np.asarray(ps.subset) == h).any():
@@ -170,43 +301,106 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
     if ps.box % 2:
         raise InputError(f"{ps.path}: the box is {ps.box} px; gmmrefine needs an even box.", path=str(ps.path),
                          field="rlnImageSize")
+    symmetry = str(params.get("sym", "C1"))
+    expanded = symmetry_operators(symmetry).shape[0] > 1
+    mask = None
+    if params.get("focus_mask"):
+        from gmmrefine.refine.focused import load_focus_mask
+
+        mask = load_focus_mask(params["focus_mask"], ps.box, ps.apix)
+    patches = params.get("patches")
+    if patches is not None and gmm_dir is not None:
+        # Warm starts keep the number of Gaussians, so the job's GMMs bound K already.
+        from gmmrefine.gmm.model import GaussianMixture
+        from gmmrefine.refine.patches import check_patch_count
+
+        check_patch_count(int(patches), {h: GaussianMixture.load(gmm_dir / f"gmm_half{h}.npz") for h in (1, 2)},
+                          str(gmm_dir))
+    if ctx.active and (patches is not None or (mask is not None and expanded)):
+        raise InputError(f"--patches and --focus-mask with --sym {symmetry} run in one process for now; start "
+                         "them without torchrun/srun (the global refinement before them can use many).",
+                         field="--patches" if patches is not None else "--focus-mask")
+    stage_ps = ps
+    if mask is not None and expanded:
+        from gmmrefine.refine.focused import expand_particles
+
+        # Focused work on symmetric data: the copies are refined independently, in C1.
+        stage_ps = expand_particles(ps, symmetry)
     if not ctx.is_main:
-        return _serve(ps, ctx)
+        return _serve(stage_ps, ctx)
     with distributed.leading(), distributed.stop_on_signal():
-        return _lead(params, ps, ctx, resume=resume, command_line=command_line, progress=progress)
+        return _lead(params, ps, stage_ps, ctx, mask=mask, gmm_dir=gmm_dir, resume=resume,
+                     command_line=command_line, progress=progress)
 
 
-def _lead(params: dict, ps, ctx, *, resume: bool, command_line: list[str] | None, progress: bool) -> dict:
-    """The job itself, on rank 0 (or the only process)."""
+def _lead(params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, resume: bool,
+          command_line: list[str] | None, progress: bool) -> dict:
+    """The job itself, on rank 0 (or the only process). ``stage_ps``: the particles refined (``ps``, or
+    its symmetry expansion for focused work on symmetric data)."""
     import dataclasses
 
     from gmmrefine import distributed
+    from gmmrefine.geometry.symmetry import symmetry_operators
     from gmmrefine.pipeline.job import Job
-    from gmmrefine.refine.global_refine import run_global_refinement, settings_from_params
+    from gmmrefine.refine.global_refine import it_dir, run_global_refinement, settings_from_params
 
+    symmetry = str(params.get("sym", "C1"))
+    expanded = symmetry_operators(symmetry).shape[0] > 1
+    patches = params.get("patches")
     out = Path(params["out"])
     if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: the job folder already exists; use --continue to resume it or choose another --out.",
                          path=str(out), field="--out")
     job_params = {k: v for k, v in params.items() if k != "out"}
-    job = Job(out, job_params, resume=resume, command_line=command_line)
+    job = Job(out, job_params, resume=resume, command_line=command_line, resume_may_change=("device", "jobs"))
     if ctx.active:
         job.log(f"{ctx.world_size} processes ({ctx.backend}); rank 0 on {ctx.device}")
     settings = dataclasses.replace(settings_from_params(job_params), progress=progress, device=ctx.device,
                                    checkpoint_dir=str(job.path / "checkpoint"))
     start = time.perf_counter()
+    transform = None
+    if mask is not None:
+        from gmmrefine.refine.focused import focus_transform
+
+        transform = focus_transform({1: mask, 2: mask}, ps.apix)
+        if expanded:
+            settings = dataclasses.replace(settings, symmetry="C1")
+    if gmm_dir is not None:
+        from gmmrefine.refine.focused import seed_stage
+
+        seed_stage(job, gmm_dir, maps=False)
     try:
-        histories = run_global_refinement(job, ps, settings, on_step=_stop_between_steps)
+        histories = run_global_refinement(job, stage_ps, settings, on_step=_stop_between_steps,
+                                          gmm_transform=transform)
         if not job.is_done("final"):
-            summary = finish(job, ps, histories)
+            summary = finish(job, stage_ps, histories)
             job.mark_done("final", resolution_A=summary["resolution_final_A"])
     except distributed.Interrupted as err:
         job.log(f"{err}; resume with the same command and --continue", echo=False)
         raise
+    k = histories[-1]["iteration"]
+    if mask is not None:
+        _focus_outputs(job, mask, symmetry, ps.apix, k)
+    if patches is not None:
+        from gmmrefine.refine.patches import composite_step, run_patches, setup_patches
+
+        plan = setup_patches(job, job.path / it_dir(k), int(patches), ps.box, ps.apix, start_iteration=k,
+                             patch_iterations=int(params["patch_iterations"]), symmetry=symmetry)
+        run_patches(job, plan, jobs=int(params.get("jobs", 1)), progress=progress)
+        composite_step(job, plan, ps.apix)
     report = job.path / "final" / "report.html"
+    if mask is not None or patches is not None:
+        from gmmrefine.pipeline.report import write_report
+
+        write_report(job.path, extra_rows=_extra_rows(job, stage_ps, histories))
+    summary = json.loads((job.path / "final" / "summary.json").read_text())
+    composite = job.path / "final" / "composite_fsc.json"
+    if composite.is_file():
+        summary["composite"] = json.loads(composite.read_text())
     job.log(f"done in {time.perf_counter() - start:.0f} s: resolution {histories[0]['resolution_A']:.2f} -> "
-            f"{histories[-1]['resolution_A']:.2f} A; report {report}")
-    return json.loads((job.path / "final" / "summary.json").read_text()) | {"report": str(report)}
+            f"{histories[-1]['resolution_A']:.2f} A" + (f", composite {summary['composite']['resolution_A']:.2f} A"
+                                                         if "composite" in summary else "") + f"; report {report}")
+    return summary | {"report": str(report)}
 
 
 def _stop_between_steps(step: str) -> None:

@@ -25,7 +25,8 @@ DESCRIPTION = (
     "particles.star (true poses), truth.star (plus per-particle truth columns), truth_map.mrc and, with "
     "--perturb-deg/--perturb-A, particles_perturbed.star (poses moved by exactly that angle about a random "
     "axis and exactly that distance in a random direction). --model2 morphs linearly between two models; "
-    "--hinge-residues turns a domain by a random angle per particle."
+    "--hinge-residues turns a domain by a random angle per particle (and writes domain_mask.mrc, a soft mask on "
+    "it); --sym builds a point-group assembly of the model in which every copy's domain turns independently."
 )
 
 
@@ -53,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hinge-deg", type=float, default=8.0, help="largest hinge angle, degrees")
     parser.add_argument("--hinge-axis", default=None,
                         help="hinge axis x,y,z in the model frame (None: random, from the seed)")
+    parser.add_argument("--sym", default="C1",
+                        help="point group (RELION's C<n>, D<n>, T, O, I): the model is one asymmetric unit of an "
+                             "assembly; each copy's hinged domain moves by its own angle (truth columns "
+                             "gmmDomainRot1..K etc.)")
+    parser.add_argument("--sym-offset-A", type=float, default=None,
+                        help="with --sym: distance of the model's centre of mass from the symmetry centre along x, A "
+                             "(default: the model's largest radius)")
     parser.add_argument("--perturb-deg", type=float, default=0.0,
                         help="write particles_perturbed.star with every rotation moved by this angle")
     parser.add_argument("--perturb-A", type=float, default=0.0,
@@ -83,8 +91,10 @@ def _validate_numbers(args) -> None:
     _check(args.perturb_deg < 180, f"--perturb-deg: expected less than 180 degrees, got {args.perturb_deg}.",
            "perturb_deg")
     if args.map is not None:
-        _check(args.model2 is None and args.hinge_residues is None,
-               "--model2 and --hinge-residues need atoms: give --model instead of --map.", "map")
+        _check(args.model2 is None and args.hinge_residues is None and str(args.sym).upper() == "C1",
+               "--model2, --hinge-residues and --sym need atoms: give --model instead of --map.", "map")
+    _check(args.sym_offset_A is None or (math.isfinite(args.sym_offset_A) and args.sym_offset_A >= 0),
+           f"--sym-offset-A: expected a non-negative distance in A, got {args.sym_offset_A}.", "sym_offset_A")
 
 
 def _residue_mask(atoms, path: Path, text: str) -> np.ndarray:
@@ -145,6 +155,16 @@ def build_source(args) -> tuple[AtomicSource | MapSource, int, float]:
     except InputError as err:
         raise InputError(f"{args.model}: {err}", path=str(args.model), field="element") from None
     center = center_of_mass(coords, elements)
+    from gmmrefine.geometry.symmetry import symmetry_operators
+
+    operators = symmetry_operators(str(args.sym)).numpy()
+    if len(operators) == 1:
+        operators = None
+    else:
+        # The model is one asymmetric unit: its centre of mass sits at +offset along x from the
+        # symmetry centre, which goes to the box centre.
+        offset = args.sym_offset_A if args.sym_offset_A is not None else max_radius_A(coords, center, elements)
+        center = center - np.array([offset, 0.0, 0.0])
     end = None
     radius = max_radius_A(coords, center, elements)
     if args.model2 is not None:
@@ -177,7 +197,8 @@ def build_source(args) -> tuple[AtomicSource | MapSource, int, float]:
               f"({margin_A:.1f} A) is wider than the {size_A:.1f} A box; some images will wrap around its edges.",
               file=sys.stderr)
     source = AtomicSource(coords_A=coords, elements=elements, center_A=center, bfactor_A2=args.bfactor, end_A=end,
-                          domain_mask=mask, pivot_A=pivot, hinge_axis=axis, hinge_deg=args.hinge_deg)
+                          domain_mask=mask, pivot_A=pivot, hinge_axis=axis, hinge_deg=args.hinge_deg,
+                          operators=operators)
     return source, box, apix
 
 

@@ -92,8 +92,89 @@ def load_changes(job_path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
     return out
 
 
+def plot_patches(plan: dict, job_path: Path, path: Path) -> None:
+    """GMM centres of each half (rows) in two projections (columns), coloured by matched patch ``pNN``."""
+    import torch
+
+    from gmmrefine.gmm.model import GaussianMixture
+
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab20" if plan["k"] > 10 else "tab10")
+    fig, axes = plt.subplots(2, 2, figsize=(9, 8.4))
+    start = Path(job_path) / plan["start_dir"]
+    for row, h in enumerate((1, 2)):
+        xyz = GaussianMixture.load(start / f"gmm_half{h}.npz").centers_A.to(torch.float64).numpy()
+        labels = np.load(Path(job_path) / "patches" / f"labels_half{h}.npy")
+        pair = np.empty(plan["k"], dtype=np.int64)
+        for i, p in enumerate(plan["patches"]):
+            pair[p[f"half{h}"]["label"]] = i
+        colour = cmap(pair[labels] % cmap.N)
+        for col, (a, b, names) in enumerate(((0, 1, "x y"), (0, 2, "x z"))):
+            ax = axes[row, col]
+            ax.scatter(xyz[:, a], xyz[:, b], c=colour, s=6, linewidths=0)
+            for i, p in enumerate(plan["patches"]):
+                c = p[f"half{h}"]["center_A"]
+                ax.annotate(p["name"], (c[a], c[b]), fontsize=8, ha="center", weight="bold")
+            x, y = names.split()
+            ax.set_xlabel(f"{x} (A)")
+            ax.set_ylabel(f"{y} (A)")
+            ax.set_aspect("equal")
+            ax.set_title(f"half {h}: Gaussian centres by patch ({x}-{y})", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def patch_section(job_path: Path) -> str:
+    """The report's patch-by-patch section (empty without ``patches/patches.json``)."""
+    job_path = Path(job_path)
+    plan_path = job_path / "patches" / "patches.json"
+    if not plan_path.is_file():
+        return ""
+    plan = json.loads(plan_path.read_text())
+    plot_patches(plan, job_path, job_path / "final" / "patches.png")
+    rows = []
+    for p in plan["patches"]:
+        f = job_path / "patches" / p["name"] / "fsc.json"
+        info = json.loads(f.read_text()) if f.is_file() else None
+        cells = [p["name"], f"{p['half1']['n_gaussians']} / {p['half2']['n_gaussians']}",
+                 f"{p['half1']['radius_A']:.1f} / {p['half2']['radius_A']:.1f}", f"{p['center_distance_A']:.1f}"]
+        if info is not None:
+            cells += [f"{info['global']['resolution_A']:.2f}", f"{info['patch']['resolution_A']:.2f}",
+                      f"{info['mean_change_deg']:.2f} &plusmn; {info['std_change_deg']:.2f}", f"{info['seconds']:.0f}"]
+        else:
+            cells += ["", "", "", ""]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    comp = job_path / "final" / "composite_fsc.json"
+    summary = ""
+    if comp.is_file():
+        c = json.loads(comp.read_text())
+        summary = (f"<p>Composite of the {plan['k']} patches (per half, own masks): gold-standard resolution "
+                   f"{c['resolution_A']:.2f} A (global refinement {c['start_resolution_A']:.2f} A); "
+                   "<code>final/composite_half1.mrc</code>, <code>final/composite_half2.mrc</code>, "
+                   "<code>final/composite_map.mrc</code>.</p>")
+    return f"""<h2>Patch-by-patch refinement</h2>
+<p>{plan['k']} k-means patches per half (each half from its own GMM; patches matched across halves by their
+centres, for naming and evaluation only), {plan['patch_iterations']} focused iterations each
+{'(symmetry-expanded, ' + html.escape(plan['symmetry']) + ')' if plan['symmetry'] != 'C1' else ''}.
+Masked FSC in the mean of the two halves' masks, corrected by phase randomisation.</p>
+<table><tr><th>patch</th><th>Gaussians half 1 / 2</th><th>radius half 1 / 2 (A)</th>
+<th>centre distance (A)</th><th>masked resolution, global (A)</th><th>masked resolution, patch (A)</th>
+<th>pose change (deg)</th><th>time (s)</th></tr>
+{''.join(rows)}</table>
+{summary}
+<p>Per patch in <code>patches/pNN/</code>: the masks (<code>mask_half1.mrc</code>, <code>mask_half2.mrc</code>:
+the one each half was aligned with; <code>mask_eval.mrc</code>), the unmasked, unfiltered half maps
+<code>half1.mrc</code>, <code>half2.mrc</code>, the patch's refined poses <code>particles.star</code> (for RELION or
+cryoSPARC), <code>fsc.json</code> and the iterations <code>itNNN/</code>.</p>
+<img src="patches.png" alt="GMM centres coloured by patch">
+"""
+
+
 def write_report(job_path: Path, *, extra_rows: dict[str, str] | None = None) -> Path:
-    """Write ``final/fsc.png``, ``final/pose_changes.png`` and ``final/report.html``; returns the report."""
+    """Write ``final/fsc.png``, ``final/pose_changes.png`` (and with patches ``final/patches.png``) and
+    ``final/report.html``; returns the report."""
     job_path = Path(job_path)
     final = job_path / "final"
     final.mkdir(parents=True, exist_ok=True)
@@ -136,7 +217,7 @@ versions: {html.escape(', '.join(f'{k} {v}' for k, v in job.get('versions', {}).
 {'<h2>Result</h2><table>' + extra + '</table>' if extra else ''}
 <h2>FSC</h2><img src="fsc.png" alt="FSC per iteration">
 <h2>Pose changes</h2>{pose_img}
-<h2>Outputs</h2><p><code>final/particles.star</code> (refined poses, every input column kept),
+{patch_section(job_path)}<h2>Outputs</h2><p><code>final/particles.star</code> (refined poses, every input column kept),
 <code>final/half1.mrc</code>, <code>final/half2.mrc</code>, <code>final/map.mrc</code> (average of the halves,
 low-pass filtered to the final resolution); per iteration <code>itNNN/</code>: half maps, GMMs
 (<code>.npz</code>, <code>.pdb</code>), <code>fsc.json</code>, <code>particles.star</code>.</p>

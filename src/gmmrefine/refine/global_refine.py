@@ -69,6 +69,8 @@ class RefineSettings:
         progress: progress bars on a terminal.
         checkpoint_dir: where an interrupted half pass leaves its checkpoint (None: nowhere; the pass
             then restarts from its beginning).
+        symmetry: point group imposed on every reconstruction (``C1``: none; see
+            :func:`gmmrefine.reconstruct.invert.symmetry_matrices`).
     """
 
     iterations: int = 5
@@ -82,14 +84,26 @@ class RefineSettings:
     device: str = "cpu"
     progress: bool = True
     checkpoint_dir: str | None = None
+    symmetry: str = "C1"
 
 
-def quarter_labels(subset: np.ndarray) -> np.ndarray:
-    """``(N,)`` 1 or 2: alternate particles within each half (in input order) for per-half FSCs."""
+def quarter_labels(subset: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """``(N,)`` 1 or 2: alternate particles within each half (in input order) for per-half FSCs.
+
+    ``groups`` ``(N,)`` (e.g. the input particle of each row of a symmetry-expanded set) keeps rows of
+    one group in one quarter, so the quarter maps never share an image's noise; groups alternate in
+    the order they first appear.
+    """
     labels = np.zeros(len(subset), dtype=np.int64)
     for h in HALVES:
         idx = np.flatnonzero(subset == h)
-        labels[idx] = np.arange(len(idx)) % 2 + 1
+        if groups is None:
+            labels[idx] = np.arange(len(idx)) % 2 + 1
+            continue
+        _, first, inverse = np.unique(np.asarray(groups)[idx], return_index=True, return_inverse=True)
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        labels[idx] = rank[inverse] % 2 + 1
     return labels
 
 
@@ -184,7 +198,8 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     from gmmrefine import distributed
     from gmmrefine.io.particles import read_images
     from gmmrefine.reconstruct.insert import FourierAccumulator
-    from gmmrefine.reconstruct.invert import _ctf_of, accumulate_images, reconstruct_map, release_free_memory
+    from gmmrefine.reconstruct.invert import (_ctf_of, accumulate_images, reconstruct_map, release_free_memory,
+                                              symmetry_matrices)
 
     ctx = distributed.current()
     if ctx.active and ctx.is_main:
@@ -195,7 +210,8 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     device = torch.device(settings.device)
     t_start = time.perf_counter()
     indices = ps.half(half)
-    labels_all = quarter_labels(np.asarray(ps.subset))
+    labels_all = quarter_labels(np.asarray(ps.subset), getattr(ps, "source_index", None))
+    symmetry = symmetry_matrices(settings.symmetry)
     n = len(indices)
     new_angles = np.array(angles_deg[indices], dtype=np.float64)
     new_shift = np.array(shift_A[indices], dtype=np.float64)
@@ -291,8 +307,8 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
                 stale.unlink(missing_ok=True)
     if not ctx.is_main:
         return None
-    quarter = quarter_map_fsc(accs[1], accs[2])
-    half_map = reconstruct_map(accs[1].add_(accs.pop(2)), consume=True).cpu()
+    quarter = quarter_map_fsc(accs[1], accs[2], symmetry=symmetry)
+    half_map = reconstruct_map(accs[1].add_(accs.pop(2)), consume=True, symmetry=symmetry).cpu()
     del accs
     release_free_memory()
     return HalfPass(indices=indices, angles_deg=new_angles, shift_A=new_shift, frc_start=frc_start,
@@ -382,7 +398,7 @@ def _resume(path: Path | None, accs: dict, arrays: tuple, lo: int, hi: int, devi
     return step
 
 
-def quarter_map_fsc(a, b) -> torch.Tensor:
+def quarter_map_fsc(a, b, *, symmetry: torch.Tensor | None = None) -> torch.Tensor:
     """FSC between the maps of two accumulators (a half set's even and odd particles).
 
     The maps are made as the half maps are (Pipe-Menon weights): plain division is ~10x faster but,
@@ -393,13 +409,14 @@ def quarter_map_fsc(a, b) -> torch.Tensor:
 
     Args:
         a, b: :class:`~gmmrefine.reconstruct.insert.FourierAccumulator` (not modified).
+        symmetry: ``(K, 3, 3)`` operators imposed on both maps, or None.
 
     Returns:
         ``(D//2+1,)`` float64 FSC per shell.
     """
     from gmmrefine.reconstruct.invert import reconstruct_map
 
-    maps = [reconstruct_map(acc).cpu() for acc in (a, b)]
+    maps = [reconstruct_map(acc, symmetry=symmetry).cpu() for acc in (a, b)]
     return fourier_shell_correlation(maps[0], maps[1])
 
 
@@ -513,15 +530,22 @@ def band_limit(resolution_A: float, settings: RefineSettings, apix: float) -> fl
 
 
 def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callable | None = None,
-                          on_step: Callable[[str], None] | None = None) -> list[dict]:
+                          on_step: Callable[[str], None] | None = None,
+                          gmm_transform: Callable[[int, GaussianMixture], GaussianMixture] | None = None
+                          ) -> list[dict]:
     """Run (or resume) the iterations of a job.
 
     Args:
-        job: :class:`gmmrefine.pipeline.job.Job` (its completed steps are skipped).
-        ps: the input particle set.
+        job: :class:`gmmrefine.pipeline.job.Job` (its completed steps are skipped), or a
+            :class:`gmmrefine.pipeline.job.SubJob` (a stage in a sub-folder: focused refinement of a patch).
+        ps: the input particle set (its poses are the start; iteration 0 reconstructs at them unless its
+            steps were done beforehand, e.g. copied from the stage this one continues).
         settings: refinement settings.
         builder: GMM builder (defaults to :func:`gmmrefine.gmm.build.build_gmm`).
         on_step: called with each step name after it completes (tests use it to interrupt).
+        gmm_transform: ``(half, fitted GMM) -> GMM the particles are aligned to`` (focused refinement:
+            :func:`gmmrefine.gmm.masks.width_mask`); the fitted GMM is what is saved and warm-starts the
+            next fit. A ``gmm_half{h}.npz`` in ``it000`` warm-starts the first fit.
 
     Returns:
         The ``fsc.json`` contents of iterations ``0..iterations``.
@@ -565,7 +589,8 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
                 t0 = time.perf_counter()
                 half_map = torch.as_tensor(read_map(job.path / it_dir(k - 1) / f"half{h}.mrc")[0])
                 reference = low_pass(half_map, maxres, apix)
-                init = GaussianMixture.load(job.path / it_dir(k - 1) / f"gmm_half{h}.npz") if k > 1 else None
+                init_path = job.path / it_dir(k - 1) / f"gmm_half{h}.npz"
+                init = GaussianMixture.load(init_path) if init_path.is_file() else None
                 gmm, info = build_half_gmm(reference, apix, maxres, init=init, seed=job.seed_for(step),
                                            steps=settings.gmm_steps, device=settings.device, builder=builder)
                 gmm.save(d / f"gmm_half{h}.npz")
@@ -575,6 +600,8 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
             step = f"{it_dir(k)}/half{h}/refine"
             if not job.is_done(step):
                 gmm = GaussianMixture.load(d / f"gmm_half{h}.npz")
+                if gmm_transform is not None:
+                    gmm = gmm_transform(h, gmm)
                 angles, shifts = current_poses(job, ps, k - 1)
                 p = half_pass(ps, h, angles, shifts, settings, gmm=gmm, maxres_A=maxres,
                               desc=f"it{k:03d} refine half {h}")
@@ -623,4 +650,5 @@ def settings_from_params(params: dict) -> RefineSettings:
                           reconstruct_ctf=str(params.get("reconstruct_ctf", "wiener")),
                           pose=pose, gmm_steps=int(params.get("gmm_steps", 150)),
                           device=str(params.get("device", "cpu")),
-                          progress=bool(params.get("progress", True)))
+                          progress=bool(params.get("progress", True)),
+                          symmetry=str(params.get("sym", "C1")))

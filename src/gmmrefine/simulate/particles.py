@@ -25,6 +25,9 @@ Definitions:
 * Motion: with a second model, particle ``i`` is the linear morph at fraction ``t_i`` uniform in [0, 1];
   with a hinge, the domain turns about a pivot by ``phi_i`` uniform in ``[-hinge_deg, +hinge_deg]`` about
   an axis fixed for the data set (given, or drawn from the seed).
+* Assemblies: with point-group ``operators`` the model is one asymmetric unit and the particle is its
+  copies ``center + R_k (r - center)``; each copy's domain turns by its own angle ``phi_ik`` (about the
+  copy's own hinge), so the copies move independently and only the consensus is symmetric.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class AtomicSource:
         pivot_A: ``(3,)`` hinge point.
         hinge_axis: ``(3,)`` unit hinge axis.
         hinge_deg: largest hinge angle.
+        operators: ``(K, 3, 3)`` point-group rotations (identity first): the particle is the model's
+            copies ``center_A + R_k (r - center_A)``, each with its own hinge angle; None for one copy.
     """
 
     coords_A: np.ndarray
@@ -80,16 +85,41 @@ class AtomicSource:
     pivot_A: np.ndarray | None = None
     hinge_axis: np.ndarray | None = None
     hinge_deg: float = 0.0
+    operators: np.ndarray | None = None
+
+    @property
+    def n_copies(self) -> int:
+        return 1 if self.operators is None else int(len(self.operators))
+
+    def assembly_elements(self) -> list[str]:
+        """Element symbols of every atom of the particle (all copies)."""
+        return list(self.elements) * self.n_copies
 
     def conformations(self, morph_fraction: np.ndarray | None, hinge_angle_deg: np.ndarray | None) -> torch.Tensor:
-        """``(B, N, 3)`` coordinates of particles with these motion parameters (``(N, 3)`` if rigid)."""
+        """``(B, N K, 3)`` coordinates of particles with these motion parameters (``(N K, 3)`` if rigid).
+
+        ``hinge_angle_deg`` is ``(B,)`` for one copy, ``(B, K)`` (one angle per copy) for an assembly.
+        """
         coords = torch.as_tensor(self.coords_A, dtype=torch.float64)
         if self.end_A is not None:
             coords = morph(coords, self.end_A, torch.as_tensor(morph_fraction))
-        if self.domain_mask is not None:
-            rot = hinge_rotations(self.hinge_axis, torch.as_tensor(hinge_angle_deg))
-            coords = hinge(coords, self.domain_mask, self.pivot_A, rot)
-        return coords
+        if self.operators is None:
+            if self.domain_mask is not None:
+                rot = hinge_rotations(self.hinge_axis, torch.as_tensor(hinge_angle_deg))
+                coords = hinge(coords, self.domain_mask, self.pivot_A, rot)
+            return coords
+        center = torch.as_tensor(np.asarray(self.center_A, dtype=np.float64))
+        copies = []
+        for k, op in enumerate(torch.as_tensor(np.asarray(self.operators, dtype=np.float64))):  # K copies
+            conf = coords
+            if self.domain_mask is not None:
+                angles = torch.as_tensor(np.asarray(hinge_angle_deg, dtype=np.float64)[:, k])
+                conf = hinge(coords, self.domain_mask, self.pivot_A, hinge_rotations(self.hinge_axis, angles))
+            copies.append((conf - center) @ op.T + center)
+        if any(c.ndim == 3 for c in copies):
+            batch = max(c.shape[0] for c in copies if c.ndim == 3)
+            copies = [c if c.ndim == 3 else c.expand(batch, -1, -1) for c in copies]
+        return torch.cat(copies, dim=-2)
 
 
 @dataclass
@@ -114,7 +144,9 @@ class Truth:
     """Per-particle truth of a simulated data set (all ``(n, ...)`` numpy arrays).
 
     ``domain_rotation`` holds the active rotation of the hinged domain in the model frame, so the domain's
-    own pose is ``euler_to_matrix(angles_deg) @ domain_rotation``.
+    own pose is ``euler_to_matrix(angles_deg) @ domain_rotation``. For an assembly of ``K`` copies,
+    ``hinge_angle_deg`` is ``(n, K)`` and ``domain_rotation`` ``(n, K, 3, 3)``: copy ``k``'s domain, seen
+    through operator ``R_k`` (symmetry expansion's pose ``A R_k``), has the pose ``A R_k domain_rotation[:, k]``.
     """
 
     angles_deg: np.ndarray
@@ -133,12 +165,19 @@ class Truth:
         cols: dict[str, np.ndarray] = {}
         if self.morph_fraction is not None:
             cols["gmmMorphFraction"] = self.morph_fraction
-        if self.domain_rotation is not None:
+        if self.domain_rotation is not None and np.ndim(self.hinge_angle_deg) == 1:
             euler = matrix_to_euler(torch.as_tensor(self.domain_rotation)).numpy()
             cols["gmmDomainRot"] = euler[:, 0]
             cols["gmmDomainTilt"] = euler[:, 1]
             cols["gmmDomainPsi"] = euler[:, 2]
             cols["gmmDomainAngle"] = self.hinge_angle_deg
+        elif self.domain_rotation is not None:
+            for k in range(self.hinge_angle_deg.shape[1]):  # one set of columns per copy, 1-based
+                euler = matrix_to_euler(torch.as_tensor(self.domain_rotation[:, k])).numpy()
+                cols[f"gmmDomainRot{k + 1}"] = euler[:, 0]
+                cols[f"gmmDomainTilt{k + 1}"] = euler[:, 1]
+                cols[f"gmmDomainPsi{k + 1}"] = euler[:, 2]
+                cols[f"gmmDomainAngle{k + 1}"] = self.hinge_angle_deg[:, k]
         return cols
 
 
@@ -197,9 +236,14 @@ def draw_truth(n: int, source: AtomicSource | MapSource, *, apix: float, seed: i
     if isinstance(source, AtomicSource):
         if source.end_A is not None:
             truth.morph_fraction = rng.uniform(0.0, 1.0, n)
-        if source.domain_mask is not None:
+        if source.domain_mask is not None and source.operators is None:
             truth.hinge_angle_deg = random_hinge_angles(n, source.hinge_deg, gen).numpy()
             truth.domain_rotation = hinge_rotations(source.hinge_axis, torch.as_tensor(truth.hinge_angle_deg)).numpy()
+        elif source.domain_mask is not None:
+            k = source.n_copies
+            truth.hinge_angle_deg = random_hinge_angles(n * k, source.hinge_deg, gen).numpy().reshape(n, k)
+            truth.domain_rotation = hinge_rotations(source.hinge_axis, torch.as_tensor(
+                truth.hinge_angle_deg.reshape(-1))).numpy().reshape(n, k, 3, 3)
     return truth
 
 
@@ -250,7 +294,8 @@ def clean_images(source: AtomicSource | MapSource, truth: Truth, indices: np.nda
             None if truth.morph_fraction is None else truth.morph_fraction[indices],
             None if truth.hinge_angle_deg is None else truth.hinge_angle_deg[indices],
         )
-        spectra = atoms_to_projection_rfft(coords, matrices, box, apix, translation, elements=source.elements,
+        spectra = atoms_to_projection_rfft(coords, matrices, box, apix, translation,
+                                           elements=source.assembly_elements(),
                                            bfactor_A2=source.bfactor_A2, center_A=source.center_A, device=device)
     else:
         from gmmrefine.fourier.project import slice_spectra
@@ -265,9 +310,43 @@ def truth_map(source: AtomicSource | MapSource, box: int, apix: float, *, device
     """Noise-free map of the reference conformation (morph fraction 0, hinge angle 0), same scale as the data."""
     if isinstance(source, MapSource):
         return np.asarray(source.volume, dtype=np.float32)
-    vol = atoms_to_map(source.coords_A, box, apix, elements=source.elements, bfactor_A2=source.bfactor_A2,
+    coords = np.asarray(source.coords_A, dtype=np.float64)
+    if source.operators is not None:
+        center = np.asarray(source.center_A, dtype=np.float64)
+        coords = np.concatenate([(coords - center) @ np.asarray(op, dtype=np.float64).T + center
+                                 for op in source.operators])
+    vol = atoms_to_map(coords, box, apix, elements=source.assembly_elements(), bfactor_A2=source.bfactor_A2,
                        center_A=source.center_A, device=device)
     return vol.cpu().numpy()
+
+
+def region_mask(source: AtomicSource, atoms: np.ndarray, box: int, apix: float, *, copy: int = 0,
+                lowpass_A: float = 8.0, dilate_A: float = 2.5, edge_A: float = 5.0) -> np.ndarray:
+    """Soft mask on some atoms of the reference conformation (e.g. the hinged domain), in the data set's
+    frame: their density low-passed to ``lowpass_A``, thresholded at a fifth of its peak, dilated by
+    ``dilate_A`` and given a raised-cosine edge ``edge_A`` wide (:func:`gmmrefine.fourier.masks.mask_from_map`).
+    Measured on adk (residues 1-110 against the rest, 2.4 A/px): all of the domain's density and ~25 %
+    of the rest's (the part at the interface) lie inside.
+
+    Args:
+        source: the model.
+        atoms: ``(N,)`` bool, atoms of one copy (the model) to mask.
+        copy: which copy of an assembly (0: the model itself, operator ``R_0 = I``).
+
+    Returns:
+        ``(D, D, D)`` float32 in [0, 1].
+    """
+    from gmmrefine.fourier.filters import low_pass
+    from gmmrefine.fourier.masks import mask_from_map
+
+    coords = np.asarray(source.coords_A, dtype=np.float64)[np.asarray(atoms, dtype=bool)]
+    if source.operators is not None:
+        center = np.asarray(source.center_A, dtype=np.float64)
+        coords = (coords - center) @ np.asarray(source.operators[copy], dtype=np.float64).T + center
+    elements = [e for e, a in zip(source.elements, atoms) if a]
+    vol = atoms_to_map(coords, box, apix, elements=elements, bfactor_A2=source.bfactor_A2, center_A=source.center_A)
+    vol = low_pass(vol, lowpass_A, apix)
+    return mask_from_map(vol, 0.2 * float(vol.max()), dilate_px=dilate_A / apix, edge_px=edge_A / apix).numpy()
 
 
 def signal_variance(clean: torch.Tensor) -> float:
@@ -295,7 +374,9 @@ def write_dataset(out_dir: Path, source: AtomicSource | MapSource, truth: Truth,
     """Render and write a simulated data set into ``out_dir``.
 
     Writes ``particles.mrcs``, ``particles.star`` (the true poses), ``truth.star`` (the same plus truth
-    columns), ``truth_map.mrc`` and, when a perturbation is asked for, ``particles_perturbed.star``.
+    columns), ``truth_map.mrc``, with a hinged domain ``domain_mask.mrc`` (:func:`region_mask` of the
+    domain; for an assembly, of the first copy's) and, when a perturbation is asked for,
+    ``particles_perturbed.star``.
     ``simulation.json`` records ``settings`` (the command line), the seed, the measured signal variance
     and the noise standard deviation. Every file is written atomically.
     """
@@ -336,6 +417,9 @@ def write_dataset(out_dir: Path, source: AtomicSource | MapSource, truth: Truth,
     write_star(paths["truth"], new_particle_tables(names, truth.angles_deg, truth.shift_A,
                                                    extra=truth.extra_columns() or None, **common))
     write_map(paths["truth_map"], truth_map(source, box, apix, device=device), apix)
+    if isinstance(source, AtomicSource) and source.domain_mask is not None:
+        paths["domain_mask"] = out_dir / "domain_mask.mrc"
+        write_map(paths["domain_mask"], region_mask(source, source.domain_mask, box, apix), apix)
     if perturb_deg > 0 or perturb_A > 0:
         angles, shift = perturb_poses(truth.angles_deg, truth.shift_A, perturb_deg, perturb_A, seed)
         paths["perturbed"] = out_dir / "particles_perturbed.star"

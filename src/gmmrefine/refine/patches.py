@@ -1,0 +1,345 @@
+"""Patch-by-patch refinement: k-means patches of each half's GMM, a focused refinement per patch,
+a composite map per half, and the final FSC between the composites.
+
+Steps (paper, Methods, "Patch-by-patch refinement"), after the main (global) refinement of a job:
+
+1. ``patches/setup``: per half, on its own, k-means of its GMM's centres into ``K`` patches (K = 1 is
+   the global refinement again); per patch a soft sphere centred on the cluster centre with radius
+   the distance of its farthest Gaussian centre and a 5-pixel cosine edge
+   (:func:`gmmrefine.fourier.masks.soft_sphere`). The halves' patches are matched by a Hungarian
+   assignment on their centres (:func:`match_patches`); ``patches/pNN`` holds matched pair ``NN``,
+   numbered in half 1's k-means order: ``mask_half{h}.mrc`` (the half's own mask, the only one its
+   alignment sees) and ``mask_eval.mrc`` (their mean, for the per-patch masked FSC only). Why each
+   half has its own masks: :mod:`gmmrefine.refine.focused`.
+2. ``patches/pNN``: focused refinement of each half against its own mask for ``patch_iterations``
+   (paper: 3) iterations, starting from the main refinement's last iteration (poses, half maps, GMMs as
+   warm start; symmetry-expanded when the job has a point group). Its iterations are in
+   ``patches/pNN/itNNN`` with their own ``state.json``, so patches run one after another or in parallel
+   processes (:func:`run_patches`, ``--jobs``) with the same result; then ``pNN/half{h}.mrc``,
+   ``pNN/particles.star`` (the patch's refined poses, for RELION or cryoSPARC) and ``pNN/fsc.json``
+   (masked FSC of the patch and of the global refinement in the evaluation mask).
+3. ``patches/composite``: per half ``sum_i Mask_i Map_i / sum_i Mask_i`` over its own patches' unmasked,
+   unfiltered maps and masks, summed in the half's own k-means order, with the global half map where
+   the masks leave less than full weight and symmetry re-imposed by mask-weighted averaging over the
+   operators (:func:`gmmrefine.refine.composite.composite_map`); ``final/composite_half{h}.mrc``, the
+   FSC between the two composites (``final/composite_fsc.json``) and the average low-passed to that
+   resolution (``final/composite_map.mrc``).
+
+Every step writes atomically and is marked done afterwards (patch steps in their own ``state.json``),
+and each reads what it needs from files, so ``--continue`` reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from gmmrefine.errors import InputError
+from gmmrefine.gmm.masks import kmeans_patches
+from gmmrefine.gmm.model import GaussianMixture
+from gmmrefine.io.atomic import atomic_path, write_json_atomic
+from gmmrefine.io.mrc import read_map, write_map
+
+HALVES = (1, 2)
+DEFAULT_PATCHES = 8
+PATCH_ITERATIONS = 3
+PATCH_EDGE_PX = 5.0
+
+
+def patch_name(index: int) -> str:
+    """``pNN`` folder of matched patch pair ``index`` (0-based)."""
+    return f"p{index + 1:02d}"
+
+
+@dataclass
+class HalfPatches:
+    """One half's patches.
+
+    Attributes:
+        labels: ``(N,)`` patch of each Gaussian (k-means order, 0-based).
+        centers_A: ``(K, 3)`` cluster centres (mean of their Gaussians' centres), x y z in A from the
+            box centre.
+        radii_A: ``(K,)`` distance of each cluster's farthest Gaussian centre from its centre.
+        counts: ``(K,)`` Gaussians per patch.
+    """
+
+    labels: np.ndarray
+    centers_A: np.ndarray
+    radii_A: np.ndarray
+    counts: np.ndarray
+
+
+def half_patches(gmm: GaussianMixture, k: int, seed: int) -> HalfPatches:
+    """k-means of one GMM's centres into ``k`` patches (:func:`gmmrefine.gmm.masks.kmeans_patches`)."""
+    labels = kmeans_patches(gmm, k, seed=seed).cpu().numpy()
+    xyz = gmm.centers_A.detach().cpu().to(torch.float64).numpy()
+    counts = np.bincount(labels, minlength=k)
+    centers = np.zeros((k, 3))
+    np.add.at(centers, labels, xyz)
+    centers /= counts[:, None]
+    dist = np.linalg.norm(xyz - centers[labels], axis=1)
+    radii = np.zeros(k)
+    np.maximum.at(radii, labels, dist)
+    return HalfPatches(labels=labels, centers_A=centers, radii_A=radii, counts=counts)
+
+
+def patch_mask(center_A: np.ndarray, radius_A: float, box: int, apix: float,
+               edge_px: float = PATCH_EDGE_PX) -> torch.Tensor:
+    """Soft sphere of a patch: 1 within ``radius_A`` of ``center_A`` (x y z from the box centre), a
+    raised-cosine edge of ``edge_px`` pixels beyond. ``(D, D, D)`` float32."""
+    from gmmrefine.fourier.masks import soft_sphere
+
+    center_px = np.asarray(center_A, dtype=np.float64) / apix + box // 2
+    return soft_sphere(box, float(radius_A) / apix, edge_px, center_px=center_px)
+
+
+def match_patches(centers1_A: np.ndarray, centers2_A: np.ndarray) -> np.ndarray:
+    """Pair the halves' patches: ``order[i]`` is half 2's patch matched to half 1's patch ``i``
+    (Hungarian assignment minimising the summed centre distances)."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = np.linalg.norm(np.asarray(centers1_A)[:, None] - np.asarray(centers2_A)[None], axis=-1)
+    rows, cols = linear_sum_assignment(cost)
+    order = np.empty(len(rows), dtype=np.int64)
+    order[rows] = cols
+    return order
+
+
+def check_patch_count(k: int, gmms: dict[int, GaussianMixture], where: str) -> None:
+    """InputError unless ``1 <= k <=`` every half's number of Gaussians."""
+    for h, gmm in gmms.items():
+        if not 1 <= k <= gmm.n:
+            raise InputError(f"--patches: expected 1 <= K <= {gmm.n} (the Gaussians of half {h}'s GMM in {where}), "
+                             f"got {k}.", field="--patches")
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 1: setup
+# ------------------------------------------------------------------------------------------------
+
+def setup_patches(job, start_dir: Path, k: int, box: int, apix: float, *, start_iteration: int,
+                  patch_iterations: int, symmetry: str) -> dict:
+    """``patches/setup``: per-half k-means, masks and the matching (see the module docstring).
+
+    Returns:
+        The plan (``patches/patches.json``).
+    """
+    plan_path = job.path / "patches" / "patches.json"
+    if job.is_done("patches/setup"):
+        return json.loads(plan_path.read_text())
+    gmms = {h: GaussianMixture.load(start_dir / f"gmm_half{h}.npz") for h in HALVES}
+    try:
+        check_patch_count(k, gmms, str(start_dir))
+    except InputError as err:
+        # Only known once the job's GMMs exist: the global refinement stays usable.
+        raise InputError(f"{err} The global refinement in {job.path} is complete; run the patches from it with "
+                         f"--from-job {job.path} --iterations 0 --patches K.", field="--patches") from None
+    seed = job.seed_for("patches/kmeans")  # a user input (the job seed), the same for both halves
+    halves = {h: half_patches(gmms[h], k, seed) for h in HALVES}
+    order = match_patches(halves[1].centers_A, halves[2].centers_A)
+    root = job.dir("patches")
+    for h in HALVES:
+        with atomic_path(root / f"labels_half{h}.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, halves[h].labels)
+    patches = []
+    for i in range(k):
+        own = {1: i, 2: int(order[i])}
+        d = job.dir("patches", patch_name(i))
+        masks = {h: patch_mask(halves[h].centers_A[own[h]], halves[h].radii_A[own[h]], box, apix) for h in HALVES}
+        for h in HALVES:
+            write_map(d / f"mask_half{h}.mrc", masks[h].numpy(), apix)
+        write_map(d / "mask_eval.mrc", (0.5 * (masks[1] + masks[2])).numpy(), apix)
+        patches.append({
+            "name": patch_name(i),
+            "center_distance_A": float(np.linalg.norm(halves[1].centers_A[own[1]] - halves[2].centers_A[own[2]])),
+            **{f"half{h}": {"label": own[h], "center_A": halves[h].centers_A[own[h]].tolist(),
+                            "radius_A": float(halves[h].radii_A[own[h]]),
+                            "n_gaussians": int(halves[h].counts[own[h]])} for h in HALVES}})
+    plan = {"k": k, "start_dir": str(start_dir.relative_to(job.path)), "start_iteration": start_iteration,
+            "patch_iterations": patch_iterations, "symmetry": symmetry, "edge_px": PATCH_EDGE_PX,
+            "patches": patches}
+    write_json_atomic(plan_path, plan)
+    job.mark_done("patches/setup", k=k)
+    job.log(f"patches: {k} per half; matched centres {np.mean([p['center_distance_A'] for p in patches]):.1f} A "
+            "apart on average")
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 2: one patch (in this process or a worker)
+# ------------------------------------------------------------------------------------------------
+
+def run_patch(job_path: str | Path, index: int, *, progress: bool = True) -> dict:
+    """Focused refinement of matched patch pair ``index`` and its outputs; everything from files.
+
+    Safe to call again after an interruption (it continues from its own ``state.json``).
+
+    Returns:
+        The patch's ``fsc.json``.
+    """
+    from gmmrefine.io.particles import read_particles, write_particles_star
+    from gmmrefine.pipeline.job import SubJob
+    from gmmrefine.refine.focused import copy_atomic, focus_transform, masked_resolution, stage_particles
+    from gmmrefine.refine.global_refine import current_poses, it_dir, run_global_refinement, settings_from_params
+
+    job_path = Path(job_path)
+    params = json.loads((job_path / "job.json").read_text())["params"]
+    plan = json.loads((job_path / "patches" / "patches.json").read_text())
+    name = patch_name(index)
+    stage = SubJob(job_path, f"patches/{name}", params, seed_prefix="patches")
+    out_json = stage.path / "fsc.json"
+    if stage.is_done("outputs"):
+        return json.loads(out_json.read_text())
+    from gmmrefine.refine.focused import seed_stage
+
+    ps = read_particles(params["particles"], project_dir=params.get("project_dir"))
+    apix = ps.apix
+    start_dir = job_path / plan["start_dir"]
+    angles, shifts = current_poses(SimpleNamespace(path=job_path), ps, int(plan["start_iteration"]))
+    stage_ps = stage_particles(ps, plan["symmetry"], angles, shifts)
+    seed_stage(stage, start_dir)
+    masks = {h: torch.as_tensor(read_map(stage.path / f"mask_half{h}.mrc")[0]) for h in HALVES}
+    settings = dataclasses.replace(settings_from_params(params), iterations=int(plan["patch_iterations"]),
+                                   symmetry="C1", progress=progress)
+    t0 = time.perf_counter()
+    histories = run_global_refinement(stage, stage_ps, settings, gmm_transform=focus_transform(masks, apix))
+    k = histories[-1]["iteration"]
+    last = stage.path / it_dir(k)
+    for h in HALVES:
+        copy_atomic(last / f"half{h}.mrc", stage.path / f"half{h}.mrc")
+    final_angles, final_shifts = current_poses(stage, stage_ps, k)
+    write_particles_star(stage_ps, stage.path / "particles.star", final_angles, final_shifts,
+                         absolute_image_paths=True)
+    mask_eval = torch.as_tensor(read_map(stage.path / "mask_eval.mrc")[0])
+    maps = {src: [torch.as_tensor(read_map(d / f"half{h}.mrc")[0]) for h in HALVES]
+            for src, d in (("global", start_dir), ("patch", last))}
+    from gmmrefine.geometry.rotations import euler_to_matrix, rotation_angle_deg
+
+    change = rotation_angle_deg(euler_to_matrix(torch.as_tensor(stage_ps.angles_deg)),
+                                euler_to_matrix(torch.as_tensor(final_angles))).numpy()
+    seed = stage.seed_for("fsc")
+    info = {"name": name, "iterations": k,
+            "seconds": sum(h.get("seconds", 0.0) for h in histories[1:]),
+            "wall_seconds": time.perf_counter() - t0,
+            "mean_change_deg": float(change.mean()), "std_change_deg": float(change.std()),
+            "global": masked_resolution(*maps["global"], mask_eval, apix, seed=seed),
+            "patch": masked_resolution(*maps["patch"], mask_eval, apix, seed=seed),
+            "half_resolution_A": histories[-1]["half_resolution_A"]}
+    write_json_atomic(out_json, info)
+    stage.mark_done("outputs", resolution_A=info["patch"]["resolution_A"])
+    stage.log(f"masked resolution {info['global']['resolution_A']:.2f} A (global) -> "
+              f"{info['patch']['resolution_A']:.2f} A; poses moved {info['mean_change_deg']:.2f} deg")
+    return info
+
+
+def _init_worker(threads: int) -> None:
+    """Worker start: the parent's torch thread count (same arithmetic, so the same bits as in the
+    parent) and, on Linux, death with the parent (a killed job leaves no worker writing files)."""
+    torch.set_num_threads(threads)
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_patches(job, plan: dict, *, jobs: int = 1, progress: bool = True) -> list[dict]:
+    """Step 2 for every patch not yet done, ``jobs`` at a time in worker processes (1: in this one).
+
+    Each worker uses this process's torch thread count, so results are bit-identical to ``jobs = 1``;
+    on a machine with C cores set ``OMP_NUM_THREADS`` to about C / jobs for speed.
+
+    Returns:
+        Every patch's ``fsc.json``, in ``pNN`` order.
+    """
+    pending = [i for i in range(plan["k"]) if not job.is_done(f"patches/{patch_name(i)}")]
+    if jobs <= 1 or len(pending) <= 1:
+        for i in pending:
+            info = run_patch(job.path, i, progress=progress)
+            job.mark_done(f"patches/{patch_name(i)}", resolution_A=info["patch"]["resolution_A"])
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx, initializer=_init_worker,
+                                 initargs=(torch.get_num_threads(),)) as pool:
+            futures = {pool.submit(run_patch, str(job.path), i, progress=False): i for i in pending}
+            for future in as_completed(futures):
+                i = futures[future]
+                info = future.result()
+                job.mark_done(f"patches/{patch_name(i)}", resolution_A=info["patch"]["resolution_A"])
+    return [json.loads((job.path / "patches" / patch_name(i) / "fsc.json").read_text()) for i in range(plan["k"])]
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 3: composite
+# ------------------------------------------------------------------------------------------------
+
+def composite_step(job, plan: dict, apix: float) -> dict:
+    """``patches/composite``: the composite half maps, their FSC and the filtered average (``final/``)."""
+    from gmmrefine.refine.composite import composite_map
+
+    d = job.dir("final")
+    out_json = d / "composite_fsc.json"
+    if job.is_done("patches/composite"):
+        return json.loads(out_json.read_text())
+    t0 = time.perf_counter()
+    start_dir = job.path / plan["start_dir"]
+    for h in HALVES:
+        # The half's own patches in its own k-means order (the summation order must not depend on the
+        # other half either).
+        mine = sorted(plan["patches"], key=lambda p: p[f"half{h}"]["label"])
+        maps = [torch.as_tensor(read_map(job.path / "patches" / p["name"] / f"half{h}.mrc")[0]) for p in mine]
+        masks = [torch.as_tensor(read_map(job.path / "patches" / p["name"] / f"mask_half{h}.mrc")[0]) for p in mine]
+        fallback = torch.as_tensor(read_map(start_dir / f"half{h}.mrc")[0])
+        write_map(d / f"composite_half{h}.mrc",
+                  composite_map(maps, masks, fallback, symmetry=plan["symmetry"]).numpy(), apix)
+    info = composite_outputs(job, "composite", plan["symmetry"], apix, start_dir=start_dir)
+    info["seconds"] = time.perf_counter() - t0
+    write_json_atomic(out_json, info)
+    job.mark_done("patches/composite", resolution_A=info["resolution_A"])
+    job.log(f"composite of {plan['k']} patches: resolution {info['resolution_A']:.2f} A (global "
+            f"{info['start_resolution_A']:.2f} A)")
+    return info
+
+
+def composite_outputs(job, prefix: str, symmetry: str, apix: float, *, start_dir: Path) -> dict:
+    """FSC of ``final/{prefix}_half1/2.mrc``, the filtered average ``final/{prefix}_map.mrc``, and the
+    start's FSC for comparison; with a point group, the filtered map's symmetry error."""
+    from gmmrefine.fourier.filters import low_pass
+    from gmmrefine.fourier.fsc import fourier_shell_correlation, resolution_at, shell_frequencies
+    from gmmrefine.geometry.symmetry import symmetry_operators
+    from gmmrefine.refine.composite import symmetry_error
+
+    d = job.path / "final"
+    halves = [torch.as_tensor(read_map(d / f"{prefix}_half{h}.mrc")[0]) for h in HALVES]
+    box = halves[0].shape[-1]
+    curve = fourier_shell_correlation(halves[0], halves[1])
+    res = resolution_at(curve, box, apix, 0.143)
+    start = [torch.as_tensor(read_map(start_dir / f"half{h}.mrc")[0]) for h in HALVES]
+    start_curve = fourier_shell_correlation(start[0], start[1])
+    full = low_pass(0.5 * (halves[0] + halves[1]), res, apix)
+    write_map(d / f"{prefix}_map.mrc", full.numpy(), apix)
+    info = {"resolution_A": res, "fsc": curve.tolist(), "frequency_inv_A": shell_frequencies(box, apix).tolist(),
+            "start_resolution_A": resolution_at(start_curve, box, apix, 0.143), "start_fsc": start_curve.tolist(),
+            "symmetry": symmetry}
+    if symmetry_operators(symmetry).shape[0] > 1:
+        from gmmrefine.fourier.masks import radius_grid
+
+        inner = radius_grid(box) < box / 2 - 4
+        info["symmetry_error_of_map"] = symmetry_error(full, symmetry, inner)
+        info["symmetry_error_of_map_blur1.5px"] = symmetry_error(full, symmetry, inner, blur_px=1.5)
+        info["symmetry_error_of_start_map_blur1.5px"] = symmetry_error(
+            low_pass(0.5 * (start[0] + start[1]), info["start_resolution_A"], apix), symmetry, inner, blur_px=1.5)
+    return info
