@@ -13,6 +13,11 @@ by a random angle up to ``--hinge-deg`` per particle; poses perturbed by 2 degre
    iterations: the peer), ``focused`` (as many focused iterations with the simulator's
    ``domain_mask.mrc``) and ``patches`` (``--iterations 0 --patches K --patch-iterations P``: the
    composite of K patches).
+3. Conformation to pose (unless ``--skip-hetero``): ``gmmrefine hetero --job global --mask
+   domain_mask.mrc`` (domain poses from each particle's decoded conformation: ``conf_to_pose``), then
+   ``refine --from-job global --add-patch hetero`` (as many focused iterations from those poses:
+   ``conf_pose_focused``; its composite with the global map: ``conf_pose_composite``), to compare with
+   ``focused``.
 
 Measured: masked FSC to the noise-free map (mean over shells up to Nyquist) in the domain, in the rest
 of the molecule and in all of it, for the start, each job and the composite; mean angle between each
@@ -114,6 +119,14 @@ def two_body(args, out: Path) -> dict:
     runs["patches"] = _run(["refine", *more, "--out", str(out / "patches"), "--iterations", "0", "--patches",
                             str(args.patches), "--patch-iterations", str(args.patch_iterations), *common],
                            out / "patches.log")
+    if not args.skip_hetero:
+        # Issue 7: conformation to pose (hetero --mask on the domain), then the same number of focused
+        # iterations from those poses (--add-patch), against focused refinement alone from the same job.
+        runs["hetero"] = _run(["hetero", "--job", str(out / "global"), "--mask", str(sim / "domain_mask.mrc"),
+                               "--epochs", str(args.hetero_epochs), "--out", str(out / "hetero")], out / "hetero.log")
+        runs["conf_pose_focused"] = _run(["refine", *more, "--add-patch", str(out / "hetero"), "--out",
+                                          str(out / "conf_pose"), "--patch-iterations", str(args.focus_iterations),
+                                          *common], out / "conf_pose.log")
     masks = simulation_masks(sim)
     fsc = {"start": _regions(sim, out / "global" / "it000", "", masks),
            "global": _regions(sim, out / "global" / "final", "", masks),
@@ -123,6 +136,13 @@ def two_body(args, out: Path) -> dict:
     poses = {"start": _pose_errors(sim, star), "global": _pose_errors(sim, out / "global" / "final" / "particles.star"),
              "global_more": _pose_errors(sim, out / "global_more" / "final" / "particles.star"),
              "focused": _pose_errors(sim, out / "focused" / "final" / "particles.star")}
+    if not args.skip_hetero:
+        added = out / "conf_pose" / "patches" / "p01"
+        fsc.update(conf_to_pose=_regions(sim, out / "hetero", "domain_", masks),
+                   conf_pose_focused=_regions(sim, added, "", masks),
+                   conf_pose_composite=_regions(sim, out / "conf_pose" / "final", "composite_", masks))
+        poses.update(conf_to_pose=_pose_errors(sim, out / "hetero" / "particles_domain.star"),
+                     conf_pose_focused=_pose_errors(sim, added / "particles.star"))
     patch_seconds = 0.0
     patches = []
     for d in sorted((out / "patches" / "patches").glob("p[0-9][0-9]")):
@@ -259,6 +279,8 @@ def main() -> int:
     parser.add_argument("--c3-box", type=int, default=64)
     parser.add_argument("--skip-c3", action="store_true")
     parser.add_argument("--skip-two-body", action="store_true")
+    parser.add_argument("--skip-hetero", action="store_true", help="no conformation-to-pose arm (issue 7)")
+    parser.add_argument("--hetero-epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

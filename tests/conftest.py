@@ -43,3 +43,17 @@ def adk_open_pdb() -> Path:
 @pytest.fixture(scope="session")
 def adk_closed_pdb() -> Path:
     return PACKAGE_DATA / "adk_closed.pdb"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of many small runs, restored afterwards: on the shared 2-core
+    machine two OpenMP threads spin at every barrier when the other core is busy (measured: a test
+    file's CPU time grew ~20x with 2 threads under load, results identical). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,15 +30,7 @@ SNR = 0.1
 RESOLUTION_A = 8.0
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Run these many small tensor ops on one thread, restoring the setting afterwards: on the shared
-    2-core machine two OpenMP threads spin at every barrier when the other core is busy (measured:
-    this file's CPU time grew ~20x with 2 threads under load, results identical)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _toy_gmm(n: int = 60, seed: int = 0) -> GaussianMixture:

@@ -19,15 +19,7 @@ from gmmrefine.io.particles import read_particles
 from gmmrefine.io.star import read_star
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Run these many small tensor ops on one thread, restoring the setting afterwards: on the shared
-    2-core machine two OpenMP threads spin at every barrier when the other core is busy (measured:
-    this file's CPU time grew ~20x with 2 threads under load, results identical)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,7 @@ from gmmrefine.gmm.project import fourier_band
 from gmmrefine.hetero.conformation import conformation_to_pose, domain_weights
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Run these many small tensor ops on one thread, restoring the setting afterwards: on the shared
-    2-core machine two OpenMP threads spin at every barrier when the other core is busy (measured:
-    this file's CPU time grew ~20x with 2 threads under load, results identical)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_domain_turn_is_recovered_as_a_pose():

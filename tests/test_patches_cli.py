@@ -4,16 +4,14 @@ each bit-identical to the uninterrupted serial run; bad input refused before any
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _kill import kill_after_step
 from gmmrefine.cli.main import main as cli_main
 from gmmrefine.io.mrc import open_stack, read_map, write_map, write_stack
 from gmmrefine.io.particles import read_particles
@@ -21,14 +19,7 @@ from gmmrefine.io.particles import read_particles
 OPTIONS = ["--iterations", "1", "--gmm-steps", "30", "--minres", "40", "--patches", "2", "--patch-iterations", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One torch thread for these small runs (as tests/test_hetero_cli.py): on the shared 2-core machine
-    two OpenMP threads spin at every barrier when the other core is busy; results are the same."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _refine(star: Path, out: Path, *extra: str) -> int:
@@ -130,18 +121,7 @@ def test_continue_after_sigkill_in_a_patch_gives_the_same_result(runs):
            "--continue"]
     # The same thread count as the in-process runs it is compared with.
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    state = out / "patches" / "p01" / "state.json"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if state.is_file() and "it001/half1/refine" in json.loads(state.read_text() or "{}").get("done", {}):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_step(cmd, out / "patches" / "p01" / "state.json", "it001/half1/refine", env=env)
     assert "patches/p01" not in json.loads((out / "state.json").read_text())["done"]
     assert _refine(runs["star"], out, "--continue") == 0
     assert _equal(_patch_outputs(runs["A"]), _patch_outputs(out)) == []

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _kill import kill_after_step
 from gmmrefine.cli.main import main as cli_main
 from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.io.mrc import open_stack, read_map, write_stack
@@ -97,18 +98,8 @@ def test_continue_after_sigkill_gives_the_same_result(runs):
     out = runs["root"] / "killed"
     cmd = [sys.executable, "-m", "gmmrefine", "refine", "--particles", str(runs["sim"] / "particles_perturbed.star"),
            "--out", str(out), *REFINE]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "state.json"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if state.is_file() and "it001/half1/gmm" in json.loads(state.read_text() or "{}").get("done", {}):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_step(cmd, state, "it001/half1/gmm")
     assert "final" not in json.loads(state.read_text())["done"]
     r = _refine(runs["sim"] / "particles_perturbed.star", out, "--continue")
     assert r.returncode == 0, r.stderr

@@ -139,7 +139,7 @@ def main(args) -> int:
     inputs, ps, gmms, settings, mask = _validate(args)
     distributed.barrier()  # every rank has checked --out before rank 0 creates it
     settings = dataclasses.replace(settings, device=ctx.device, progress=settings.progress and ctx.is_main)
-    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+    params = {k: (str(v.resolve()) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if not k.startswith("_") and k != "command"}
     job = Job(args.out, params) if ctx.is_main else None
     start = time.perf_counter()

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--particles", type=Path, default=None,
                         help="RELION STAR (3.0-5) or cryoSPARC .cs of a consensus refinement (or give --from-job)")
     parser.add_argument("--out", type=Path, required=True, help="job folder (must not exist unless --continue)")
-    parser.add_argument("--iterations", type=int, default=5, help="refinement iterations")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="global refinement iterations (default 5; 0 with --from-job and --patches/--add-patch)")
     parser.add_argument("--resolution-start", default="auto",
                         help="band limit of the first iteration in A, or 'auto' (each half's own estimate)")
     parser.add_argument("--minres", type=float, default=50.0, help="low-resolution end of the FRC band, A")
@@ -65,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--patches", type=int, nargs="?", const=8, default=None, metavar="K",
                        help="after the global refinement, patch-by-patch refinement with K patches per half "
                             "(8 when given without a number) and a composite map")
+    group.add_argument("--add-patch", type=Path, default=None, metavar="HJOB",
+                       help="with --from-job JOB: one more patch, the domain of 'gmmrefine hetero --job JOB --mask M' "
+                            "(HJOB): focused refinement in M from its conformation-to-pose domain poses, then "
+                            "JOB's composite (its patches, if it has any) with this patch inside M")
     group.add_argument("--patch-iterations", type=int, default=3,
                        help="focused iterations per patch (paper: 3)")
     group.add_argument("--sym", default="C1",
@@ -106,9 +111,18 @@ def _params(args) -> dict:
     if args.focus_mask is not None and args.patches is not None:
         raise InputError("--focus-mask and --patches exclude each other: patch-by-patch refinement makes its own "
                          "masks; run it with --from-job on the focused job if both are wanted.", field="--patches")
-    min_iterations = 0 if (args.from_job is not None and args.patches is not None) else 1
+    if args.add_patch is not None and args.from_job is None:
+        raise InputError("--add-patch needs --from-job: the hetero job's domain joins that job's composite.",
+                         field="--add-patch")
+    if args.add_patch is not None and (args.focus_mask is not None or str(args.sym).strip().upper() != "C1"):
+        raise InputError("--add-patch works in C1 without --focus-mask (the added patch is itself a focused "
+                         "refinement, in the hetero job's mask).", field="--add-patch")
+    patch_work = args.from_job is not None and (args.patches is not None or args.add_patch is not None)
+    if args.iterations is None:
+        args.iterations = 0 if patch_work else 5
+    min_iterations = 0 if patch_work else 1
     checks = [("--iterations", args.iterations >= min_iterations,
-               "an integer >= 1 (0 only with --from-job and --patches)"),
+               "an integer >= 1 (0 only with --from-job and --patches or --add-patch)"),
               ("--chunk", args.chunk >= 1, "an integer >= 1"), ("--steps", args.steps >= 0, "an integer >= 0"),
               ("--gmm-steps", args.gmm_steps >= 1, "an integer >= 1"),
               ("--lr", math.isfinite(args.lr) and args.lr > 0, "a positive number"),
@@ -131,6 +145,7 @@ def _params(args) -> dict:
         "focus_mask": None if args.focus_mask is None else str(Path(args.focus_mask).resolve()),
         "patches": None if args.patches is None else int(args.patches), "patch_iterations": int(args.patch_iterations),
         "sym": str(args.sym).strip().upper(), "jobs": int(args.jobs),
+        "add_patch": None if args.add_patch is None else str(Path(args.add_patch).resolve()),
     }
 
 
@@ -316,8 +331,13 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
 
         check_patch_count(int(patches), {h: GaussianMixture.load(gmm_dir / f"gmm_half{h}.npz") for h in (1, 2)},
                           str(gmm_dir))
-    if ctx.active and (patches is not None or (mask is not None and expanded)):
-        raise InputError(f"--patches and --focus-mask with --sym {symmetry} run in one process for now; start "
+    added = None
+    if params.get("add_patch"):
+        from gmmrefine.refine.patches import hetero_domain
+
+        added = hetero_domain(Path(params["add_patch"]), Path(params["particles"]), len(ps))
+    if ctx.active and (patches is not None or added is not None or (mask is not None and expanded)):
+        raise InputError(f"--patches, --add-patch and --focus-mask with --sym {symmetry} run in one process for now; start "
                          "them without torchrun/srun (the global refinement before them can use many).",
                          field="--patches" if patches is not None else "--focus-mask")
     stage_ps = ps
@@ -329,11 +349,12 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
     if not ctx.is_main:
         return _serve(stage_ps, ctx)
     with distributed.leading(), distributed.stop_on_signal():
-        return _lead(params, ps, stage_ps, ctx, mask=mask, gmm_dir=gmm_dir, resume=resume,
+        return _lead(params, ps, stage_ps, ctx, mask=mask, gmm_dir=gmm_dir, added=added, resume=resume,
                      command_line=command_line, progress=progress)
 
 
-def _lead(params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, resume: bool,
+def _lead(params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, added: tuple[Path, Path] | None,
+          resume: bool,
           command_line: list[str] | None, progress: bool) -> dict:
     """The job itself, on rank 0 (or the only process). ``stage_ps``: the particles refined (``ps``, or
     its symmetry expansion for focused work on symmetric data)."""
@@ -381,15 +402,27 @@ def _lead(params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, resume
     k = histories[-1]["iteration"]
     if mask is not None:
         _focus_outputs(job, mask, symmetry, ps.apix, k)
+    plan = None
     if patches is not None:
-        from gmmrefine.refine.patches import composite_step, run_patches, setup_patches
+        from gmmrefine.refine.patches import setup_patches
 
         plan = setup_patches(job, job.path / it_dir(k), int(patches), ps.box, ps.apix, start_iteration=k,
                              patch_iterations=int(params["patch_iterations"]), symmetry=symmetry)
+    if added is not None:
+        from gmmrefine.refine.patches import add_domain_patch, inherit_patches
+
+        if plan is None:
+            plan = inherit_patches(job, Path(params["from_job"]), job.path / it_dir(k), k)
+        plan = add_domain_patch(job, plan, Path(params["add_patch"]), *added, job.path / it_dir(k),
+                                start_iteration=k, patch_iterations=int(params["patch_iterations"]), box=ps.box,
+                                apix=ps.apix)
+    if plan is not None:
+        from gmmrefine.refine.patches import composite_step, run_patches
+
         run_patches(job, plan, jobs=int(params.get("jobs", 1)), progress=progress)
         composite_step(job, plan, ps.apix)
     report = job.path / "final" / "report.html"
-    if mask is not None or patches is not None:
+    if mask is not None or plan is not None:
         from gmmrefine.pipeline.report import write_report
 
         write_report(job.path, extra_rows=_extra_rows(job, stage_ps, histories))

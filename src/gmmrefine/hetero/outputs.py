@@ -315,7 +315,9 @@ def write_domain_outputs(out: Path, ps, results: dict[int, HalfResult], settings
         r.encoder.cpu()
         dec.cpu()
     write_particles_star(ps, out / "particles_domain.star", angles, shifts, absolute_image_paths=True)
-    halves = reconstruct_halves(ps, angles, shifts, device=settings.device, progress=settings.progress)
+    # As gmmrefine refine reconstructs (Wiener-like CTF weighting), so these maps compare with its own.
+    halves = reconstruct_halves(ps, angles, shifts, ctf_mode="wiener", device=settings.device,
+                                progress=settings.progress)
     for h, m in zip((1, 2), halves):
         write_map(out / f"domain_half{h}.mrc", m.cpu().numpy(), ps.apix)
     summary_path = out / "summary.json"

@@ -32,7 +32,35 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-class Job:
+class _Steps:
+    """Completed steps of a job or stage, kept in its ``state.json`` (``path``, ``state`` and
+    ``_state_path`` are set by the subclass)."""
+
+    path: Path
+    state: dict[str, Any]
+    _state_path: Path
+
+    def is_done(self, step: str) -> bool:
+        """Whether ``step`` completed in this or an earlier (interrupted) run."""
+        return step in self.state["done"]
+
+    def summary(self, step: str) -> dict[str, Any]:
+        """The summary recorded when ``step`` completed."""
+        return self.state["done"][step]
+
+    def mark_done(self, step: str, **summary: Any) -> None:
+        """Record ``step`` as complete, after all its outputs have been written."""
+        self.state["done"][step] = summary
+        write_json_atomic(self._state_path, self.state)
+
+    def dir(self, *parts: str) -> Path:
+        """A sub-folder of the job (created on first use), e.g. ``job.dir('it001')``."""
+        d = self.path.joinpath(*parts)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+class Job(_Steps):
     """A job directory.
 
     Args:
@@ -83,25 +111,6 @@ class Job:
         if echo:
             print(message, flush=True)
 
-    def is_done(self, step: str) -> bool:
-        """Whether ``step`` completed in this or an earlier (interrupted) run."""
-        return step in self.state["done"]
-
-    def summary(self, step: str) -> dict[str, Any]:
-        """The summary recorded when ``step`` completed."""
-        return self.state["done"][step]
-
-    def mark_done(self, step: str, **summary: Any) -> None:
-        """Record ``step`` as complete, after all its outputs have been written."""
-        self.state["done"][step] = summary
-        write_json_atomic(self._state_path, self.state)
-
-    def dir(self, *parts: str) -> Path:
-        """A sub-folder of the job (created on first use), e.g. ``job.dir('it001')``."""
-        d = self.path.joinpath(*parts)
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
     def seed_for(self, step: str) -> int:
         """A seed for ``step`` derived from the job seed, so a resumed step draws the same numbers."""
         return step_seed(self.params.get("seed", 0), step)
@@ -113,7 +122,7 @@ def step_seed(job_seed: int, step: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-class SubJob:
+class SubJob(_Steps):
     """A stage of a job in its own sub-folder with its own ``state.json`` (e.g. one patch's focused
     refinement), so that stages can run in parallel processes without sharing a state file.
 
@@ -144,21 +153,6 @@ class SubJob:
             fh.write(line + "\n")
         if echo:
             print(f"{self.name}: {message}", flush=True)
-
-    def is_done(self, step: str) -> bool:
-        return step in self.state["done"]
-
-    def summary(self, step: str) -> dict[str, Any]:
-        return self.state["done"][step]
-
-    def mark_done(self, step: str, **summary: Any) -> None:
-        self.state["done"][step] = summary
-        write_json_atomic(self._state_path, self.state)
-
-    def dir(self, *parts: str) -> Path:
-        d = self.path.joinpath(*parts)
-        d.mkdir(parents=True, exist_ok=True)
-        return d
 
     def seed_for(self, step: str) -> int:
         return step_seed(self.params.get("seed", 0), f"{self.seed_prefix}/{step}")

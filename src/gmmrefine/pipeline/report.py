@@ -98,6 +98,7 @@ def plot_patches(plan: dict, job_path: Path, path: Path) -> None:
 
     from gmmrefine.gmm.model import GaussianMixture
 
+    kmeans = [p for p in plan["patches"] if not p.get("added")]  # an added domain patch has no k-means label
     plt = _pyplot()
     cmap = plt.get_cmap("tab20" if plan["k"] > 10 else "tab10")
     fig, axes = plt.subplots(2, 2, figsize=(9, 8.4))
@@ -106,13 +107,13 @@ def plot_patches(plan: dict, job_path: Path, path: Path) -> None:
         xyz = GaussianMixture.load(start / f"gmm_half{h}.npz").centers_A.to(torch.float64).numpy()
         labels = np.load(Path(job_path) / "patches" / f"labels_half{h}.npy")
         pair = np.empty(plan["k"], dtype=np.int64)
-        for i, p in enumerate(plan["patches"]):
+        for i, p in enumerate(kmeans):
             pair[p[f"half{h}"]["label"]] = i
         colour = cmap(pair[labels] % cmap.N)
         for col, (a, b, names) in enumerate(((0, 1, "x y"), (0, 2, "x z"))):
             ax = axes[row, col]
             ax.scatter(xyz[:, a], xyz[:, b], c=colour, s=6, linewidths=0)
-            for i, p in enumerate(plan["patches"]):
+            for p in kmeans:
                 c = p[f"half{h}"]["center_A"]
                 ax.annotate(p["name"], (c[a], c[b]), fontsize=8, ha="center", weight="bold")
             x, y = names.split()
@@ -133,13 +134,18 @@ def patch_section(job_path: Path) -> str:
     if not plan_path.is_file():
         return ""
     plan = json.loads(plan_path.read_text())
-    plot_patches(plan, job_path, job_path / "final" / "patches.png")
+    if plan["k"] > 0 and (job_path / "patches" / "labels_half1.npy").is_file():
+        plot_patches(plan, job_path, job_path / "final" / "patches.png")
     rows = []
     for p in plan["patches"]:
         f = job_path / "patches" / p["name"] / "fsc.json"
         info = json.loads(f.read_text()) if f.is_file() else None
-        cells = [p["name"], f"{p['half1']['n_gaussians']} / {p['half2']['n_gaussians']}",
-                 f"{p['half1']['radius_A']:.1f} / {p['half2']['radius_A']:.1f}", f"{p['center_distance_A']:.1f}"]
+        if p.get("added"):
+            cells = [p["name"], f"domain of {html.escape(Path(p['hetero_job']).name)} (conformation to pose)",
+                     "its mask", "-"]
+        else:
+            cells = [p["name"], f"{p['half1']['n_gaussians']} / {p['half2']['n_gaussians']}",
+                     f"{p['half1']['radius_A']:.1f} / {p['half2']['radius_A']:.1f}", f"{p['center_distance_A']:.1f}"]
         if info is not None:
             cells += [f"{info['global']['resolution_A']:.2f}", f"{info['patch']['resolution_A']:.2f}",
                       f"{info['mean_change_deg']:.2f} &plusmn; {info['std_change_deg']:.2f}", f"{info['seconds']:.0f}"]
@@ -150,7 +156,10 @@ def patch_section(job_path: Path) -> str:
     summary = ""
     if comp.is_file():
         c = json.loads(comp.read_text())
-        summary = (f"<p>Composite of the {plan['k']} patches (per half, own masks): gold-standard resolution "
+        added = sum(1 for p in plan["patches"] if p.get("added"))
+        what = f"the {plan['k']} patches" + (f" and {added} added domain patch (replacing them inside its mask)"
+                                             if added else "")
+        summary = (f"<p>Composite of {what} (per half, own masks): gold-standard resolution "
                    f"{c['resolution_A']:.2f} A (global refinement {c['start_resolution_A']:.2f} A); "
                    "<code>final/composite_half1.mrc</code>, <code>final/composite_half2.mrc</code>, "
                    "<code>final/composite_map.mrc</code>.</p>")

@@ -203,11 +203,18 @@ def run_patch(job_path: str | Path, index: int, *, progress: bool = True) -> dic
     ps = read_particles(params["particles"], project_dir=params.get("project_dir"))
     apix = ps.apix
     start_dir = job_path / plan["start_dir"]
-    angles, shifts = current_poses(SimpleNamespace(path=job_path), ps, int(plan["start_iteration"]))
-    stage_ps = stage_particles(ps, plan["symmetry"], angles, shifts)
-    seed_stage(stage, start_dir)
+    entry = plan["patches"][index]
+    if entry.get("particles"):
+        # An added patch (``--add-patch``): it starts from its own poses (the domain poses found from each
+        # particle's conformation), so its iteration 0 is reconstructed at them; the GMMs still warm-start.
+        stage_ps = read_particles(entry["particles"])
+        seed_stage(stage, start_dir, maps=False)
+    else:
+        angles, shifts = current_poses(SimpleNamespace(path=job_path), ps, int(plan["start_iteration"]))
+        stage_ps = stage_particles(ps, plan["symmetry"], angles, shifts)
+        seed_stage(stage, start_dir)
     masks = {h: torch.as_tensor(read_map(stage.path / f"mask_half{h}.mrc")[0]) for h in HALVES}
-    settings = dataclasses.replace(settings_from_params(params), iterations=int(plan["patch_iterations"]),
+    settings = dataclasses.replace(settings_from_params(params), iterations=int(entry.get("patch_iterations", plan["patch_iterations"])),
                                    symmetry="C1", progress=progress)
     t0 = time.perf_counter()
     histories = run_global_refinement(stage, stage_ps, settings, gmm_transform=focus_transform(masks, apix))
@@ -262,7 +269,7 @@ def run_patches(job, plan: dict, *, jobs: int = 1, progress: bool = True) -> lis
     Returns:
         Every patch's ``fsc.json``, in ``pNN`` order.
     """
-    pending = [i for i in range(plan["k"]) if not job.is_done(f"patches/{patch_name(i)}")]
+    pending = [i for i in range(len(plan["patches"])) if not job.is_done(f"patches/{patch_name(i)}")]
     if jobs <= 1 or len(pending) <= 1:
         for i in pending:
             info = run_patch(job.path, i, progress=progress)
@@ -279,7 +286,106 @@ def run_patches(job, plan: dict, *, jobs: int = 1, progress: bool = True) -> lis
                 i = futures[future]
                 info = future.result()
                 job.mark_done(f"patches/{patch_name(i)}", resolution_A=info["patch"]["resolution_A"])
-    return [json.loads((job.path / "patches" / patch_name(i) / "fsc.json").read_text()) for i in range(plan["k"])]
+    return [json.loads((job.path / "patches" / p["name"] / "fsc.json").read_text()) for p in plan["patches"]]
+
+
+def inherit_patches(job, source_job: Path, start_dir: Path, start_iteration: int) -> dict | None:
+    """``patches/inherited``: the finished patches of ``source_job`` (the ``--from-job`` job), copied
+    into this job (masks, half maps, poses, FSCs) and marked done, so that an added patch joins that
+    job's composite; None when the source job made no patches. The composite's fallback becomes this
+    job's ``start_dir``."""
+    import shutil
+
+    from gmmrefine.pipeline.job import Job
+
+    plan_path = job.path / "patches" / "patches.json"
+    if job.is_done("patches/inherited"):
+        return json.loads(plan_path.read_text())
+    source_plan = source_job / "patches" / "patches.json"
+    if not source_plan.is_file() or not (source_job / "final" / "composite_fsc.json").is_file():
+        return None
+    plan = json.loads(source_plan.read_text())
+    for h in HALVES:
+        src = source_job / "patches" / f"labels_half{h}.npy"
+        if src.is_file():
+            with atomic_path(job.dir("patches") / src.name) as tmp:
+                shutil.copyfile(src, tmp)
+    for p in plan["patches"]:
+        src, dst = source_job / "patches" / p["name"], job.dir("patches", p["name"])
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.suffix in (".mrc", ".json", ".star") and f.name != "state.json":
+                with atomic_path(dst / f.name) as tmp:
+                    shutil.copyfile(f, tmp)
+    plan = plan | {"start_dir": str(start_dir.relative_to(job.path)), "start_iteration": start_iteration,
+                   "inherited_from": str(source_job)}
+    write_json_atomic(plan_path, plan)
+    for p in plan["patches"]:
+        job.mark_done(f"patches/{p['name']}", copied_from=str(source_job))
+    job.mark_done("patches/inherited", k=len(plan["patches"]))
+    job.log(f"patches: {len(plan['patches'])} taken from {source_job}")
+    return plan
+
+
+def hetero_domain(hjob: Path, particles: Path, n_particles: int) -> tuple[Path, Path]:
+    """``(particles_domain.star, mask)`` of a finished ``gmmrefine hetero --mask`` job run on
+    ``particles``, or InputError naming what is missing."""
+    hjob = Path(hjob)
+    try:
+        params = json.loads((hjob / "job.json").read_text())["params"]
+    except (OSError, KeyError, ValueError):
+        raise InputError(f"{hjob}: --add-patch needs a gmmrefine hetero output folder (job.json); none was found.",
+                         path=str(hjob), field="--add-patch") from None
+    star = hjob / "particles_domain.star"
+    if not params.get("mask") or not star.is_file():
+        raise InputError(f"{hjob}: --add-patch needs a hetero run with --mask (its particles_domain.star, the "
+                         "domain poses); this one has none.", path=str(hjob), field="--add-patch")
+    mask = Path(params["mask"])
+    if not mask.is_file():
+        raise InputError(f"{mask}: the mask of hetero job {hjob} is gone; --add-patch refines in that mask.",
+                         path=str(mask), field="--add-patch")
+    from gmmrefine.hetero.outputs import job_inputs
+
+    source = job_inputs(params["job"]).particles if params.get("job") else params.get("particles")
+    if source is None or Path(source).resolve() != Path(particles).resolve():
+        raise InputError(f"{hjob}: --add-patch: that hetero job was run on {source}, not on this job's particles "
+                         f"({particles}); run it with --job on the --from-job job.", path=str(hjob),
+                         field="--add-patch")
+    from gmmrefine.io.star import read_star
+
+    rows = len(read_star(star)["particles"])
+    if rows != n_particles:
+        raise InputError(f"{star}: {rows} particles, expected {n_particles} (one per particle of {particles}).",
+                         path=str(star), field="particles")
+    return star, mask
+
+
+def add_domain_patch(job, plan: dict | None, hjob: Path, star: Path, mask_path: Path, start_dir: Path, *,
+                     start_iteration: int, patch_iterations: int, box: int, apix: float) -> dict:
+    """``patches/added``: one more patch, the domain of a ``gmmrefine hetero --mask`` job: its focused
+    refinement starts from the domain poses found from each particle's conformation
+    (``particles_domain.star``) with that mask for both halves (a user input, like ``--focus-mask``);
+    in the composite it replaces the other patches inside its mask (:func:`composite_step`)."""
+    from gmmrefine.refine.focused import load_focus_mask
+
+    plan_path = job.path / "patches" / "patches.json"
+    if job.is_done("patches/added"):
+        return json.loads(plan_path.read_text())
+    if plan is None:
+        plan = {"k": 0, "start_dir": str(start_dir.relative_to(job.path)), "start_iteration": start_iteration,
+                "patch_iterations": patch_iterations, "symmetry": "C1", "edge_px": None, "patches": []}
+    mask = load_focus_mask(mask_path, box, apix, option="--add-patch")
+    index = len(plan["patches"])
+    d = job.dir("patches", patch_name(index))
+    for name in ("mask_half1.mrc", "mask_half2.mrc", "mask_eval.mrc"):
+        write_map(d / name, mask.numpy(), apix)
+    entry = {"name": patch_name(index), "added": True, "hetero_job": str(hjob), "particles": str(star),
+             "mask": str(mask_path), "patch_iterations": patch_iterations,
+             **{f"half{h}": {"label": index} for h in HALVES}}
+    plan = plan | {"patches": [*plan["patches"], entry]}
+    write_json_atomic(plan_path, plan)
+    job.mark_done("patches/added", name=entry["name"])
+    job.log(f"patches: {entry['name']} added, the domain of {hjob} from its conformation-to-pose poses")
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,20 +402,29 @@ def composite_step(job, plan: dict, apix: float) -> dict:
         return json.loads(out_json.read_text())
     t0 = time.perf_counter()
     start_dir = job.path / plan["start_dir"]
+    def load(p: dict, name: str) -> torch.Tensor:
+        return torch.as_tensor(read_map(job.path / "patches" / p["name"] / name)[0])
+
     for h in HALVES:
         # The half's own patches in its own k-means order (the summation order must not depend on the
         # other half either).
-        mine = sorted(plan["patches"], key=lambda p: p[f"half{h}"]["label"])
-        maps = [torch.as_tensor(read_map(job.path / "patches" / p["name"] / f"half{h}.mrc")[0]) for p in mine]
-        masks = [torch.as_tensor(read_map(job.path / "patches" / p["name"] / f"mask_half{h}.mrc")[0]) for p in mine]
+        mine = sorted((p for p in plan["patches"] if not p.get("added")), key=lambda p: p[f"half{h}"]["label"])
         fallback = torch.as_tensor(read_map(start_dir / f"half{h}.mrc")[0])
-        write_map(d / f"composite_half{h}.mrc",
-                  composite_map(maps, masks, fallback, symmetry=plan["symmetry"]).numpy(), apix)
+        composite = (composite_map([load(p, f"half{h}.mrc") for p in mine],
+                                   [load(p, f"mask_half{h}.mrc") for p in mine], fallback, symmetry=plan["symmetry"])
+                     if mine else fallback.to(torch.float32))
+        for p in (p for p in plan["patches"] if p.get("added")):
+            # An added domain patch replaces the composite inside its mask rather than being averaged with
+            # the k-means patches there: those were aligned to the consensus domain, and a domain that
+            # moves by 10-15 degrees is blurred in them (averaging would bring the blur back).
+            mask = load(p, f"mask_half{h}.mrc")
+            composite = mask * load(p, f"half{h}.mrc") + (1.0 - mask) * composite
+        write_map(d / f"composite_half{h}.mrc", composite.numpy(), apix)
     info = composite_outputs(job, "composite", plan["symmetry"], apix, start_dir=start_dir)
     info["seconds"] = time.perf_counter() - t0
     write_json_atomic(out_json, info)
     job.mark_done("patches/composite", resolution_A=info["resolution_A"])
-    job.log(f"composite of {plan['k']} patches: resolution {info['resolution_A']:.2f} A (global "
+    job.log(f"composite of {len(plan['patches'])} patches: resolution {info['resolution_A']:.2f} A (global "
             f"{info['start_resolution_A']:.2f} A)")
     return info
 
