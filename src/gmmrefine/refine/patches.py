@@ -200,8 +200,6 @@ def run_patch(job_path: str | Path, index: int, *, progress: bool = True) -> dic
         return json.loads(out_json.read_text())
     from gmmrefine.refine.focused import seed_stage
 
-    ps = read_particles(params["particles"], project_dir=params.get("project_dir"))
-    apix = ps.apix
     start_dir = job_path / plan["start_dir"]
     entry = plan["patches"][index]
     if entry.get("particles"):
@@ -210,11 +208,14 @@ def run_patch(job_path: str | Path, index: int, *, progress: bool = True) -> dic
         stage_ps = read_particles(entry["particles"])
         seed_stage(stage, start_dir, maps=False)
     else:
+        ps = read_particles(params["particles"], project_dir=params.get("project_dir"))
         angles, shifts = current_poses(SimpleNamespace(path=job_path), ps, int(plan["start_iteration"]))
         stage_ps = stage_particles(ps, plan["symmetry"], angles, shifts)
         seed_stage(stage, start_dir)
+    apix = stage_ps.apix
+    iterations = int(entry.get("patch_iterations", plan["patch_iterations"]))
     masks = {h: torch.as_tensor(read_map(stage.path / f"mask_half{h}.mrc")[0]) for h in HALVES}
-    settings = dataclasses.replace(settings_from_params(params), iterations=int(entry.get("patch_iterations", plan["patch_iterations"])),
+    settings = dataclasses.replace(settings_from_params(params), iterations=iterations,
                                    symmetry="C1", progress=progress)
     t0 = time.perf_counter()
     histories = run_global_refinement(stage, stage_ps, settings, gmm_transform=focus_transform(masks, apix))
@@ -294,9 +295,7 @@ def inherit_patches(job, source_job: Path, start_dir: Path, start_iteration: int
     into this job (masks, half maps, poses, FSCs) and marked done, so that an added patch joins that
     job's composite; None when the source job made no patches. The composite's fallback becomes this
     job's ``start_dir``."""
-    import shutil
-
-    from gmmrefine.pipeline.job import Job
+    from gmmrefine.refine.focused import copy_atomic
 
     plan_path = job.path / "patches" / "patches.json"
     if job.is_done("patches/inherited"):
@@ -308,14 +307,12 @@ def inherit_patches(job, source_job: Path, start_dir: Path, start_iteration: int
     for h in HALVES:
         src = source_job / "patches" / f"labels_half{h}.npy"
         if src.is_file():
-            with atomic_path(job.dir("patches") / src.name) as tmp:
-                shutil.copyfile(src, tmp)
+            copy_atomic(src, job.dir("patches") / src.name)
     for p in plan["patches"]:
         src, dst = source_job / "patches" / p["name"], job.dir("patches", p["name"])
         for f in sorted(src.iterdir()):
             if f.is_file() and f.suffix in (".mrc", ".json", ".star") and f.name != "state.json":
-                with atomic_path(dst / f.name) as tmp:
-                    shutil.copyfile(f, tmp)
+                copy_atomic(f, dst / f.name)
     plan = plan | {"start_dir": str(start_dir.relative_to(job.path)), "start_iteration": start_iteration,
                    "inherited_from": str(source_job)}
     write_json_atomic(plan_path, plan)
@@ -402,6 +399,7 @@ def composite_step(job, plan: dict, apix: float) -> dict:
         return json.loads(out_json.read_text())
     t0 = time.perf_counter()
     start_dir = job.path / plan["start_dir"]
+
     def load(p: dict, name: str) -> torch.Tensor:
         return torch.as_tensor(read_map(job.path / "patches" / p["name"] / name)[0])
 
