@@ -124,6 +124,32 @@ def test_malformed_rows_are_input_errors(tmp_path):
         read_star(tmp_path / "plain.star")
 
 
+def test_types_and_errors_do_not_depend_on_the_chunks_rows_are_read_in(tmp_path, monkeypatch):
+    """Rows are typed a chunk at a time; a column is typed as a whole all the same."""
+    import gmmrefine.io.star as star
+
+    src = tmp_path / "mixed.star"
+    rows = [f"{i} {i} {i} 00{i}@a.mrcs" for i in range(1, 5)] + ["5 5.5 x 005@a.mrcs", "6 6 7e0 006@a.mrcs"]
+    src.write_text("data_particles\nloop_\n_rlnInt #1\n_rlnNum #2\n_rlnText #3\n_rlnImageName #4\n"
+                   + "\n".join(rows) + "\n\n# a comment between rows\n7 7 8 007@a.mrcs\n")
+    whole = read_star(src)["particles"]
+    monkeypatch.setattr(star, "_CHUNK_ROWS", 2)
+    chunked = read_star(src)["particles"]
+    assert [chunked[c].dtype.kind for c in chunked.columns] == ["i", "f", "O", "O"]
+    assert chunked["rlnNum"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.5, 6.0, 7.0]
+    assert chunked["rlnText"].tolist() == ["1", "2", "3", "4", "x", "7e0", "8"]  # the text, not 7.0
+    for c in whole.columns:
+        assert whole[c].dtype == chunked[c].dtype and whole[c].tolist() == chunked[c].tolist()
+    out = tmp_path / "out.star"
+    write_star(out, {"particles": chunked})
+    monkeypatch.setattr(star, "_CHUNK_ROWS", 8192)
+    assert out.read_text() == star.format_star({"particles": whole})  # same widths whatever the chunks
+    monkeypatch.setattr(star, "_CHUNK_ROWS", 2)
+    src.write_text("data_particles\nloop_\n_rlnA #1\n_rlnB #2\n1 2\n3 4\n5 6\n7 8\n9\n")
+    with pytest.raises(InputError, match=r"mixed\.star: row 5 of block data_particles has 1 values"):
+        read_star(src)
+
+
 def _reconstruct(star: Path, out: Path, cwd: Path) -> np.ndarray:
     subprocess.run(["relion_reconstruct", "--i", str(star), "--o", str(out), "--ctf"], cwd=cwd, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -48,6 +48,7 @@ from gmmrefine.io.particles import (
     ParticleSet,
     _assign_subset,
     _check_stacks,
+    _per_particle,
     _resolve_stacks,
     _single_value,
     new_particle_tables,
@@ -173,8 +174,8 @@ def read_cs(path: str | os.PathLike, *, project_dir: str | os.PathLike | None = 
     else:
         subset, assigned = _assign_subset(n, path), True
 
-    image_files = files[inverse].astype(str)
-    image_names = np.char.add(np.char.add(np.char.zfill((image_index + 1).astype(str), 6), "@"), image_files)
+    image_files = _per_particle(files, inverse)
+    image_names = np.char.add(np.char.add(np.char.zfill((image_index + 1).astype(str), 6), "@"), image_files.astype(str))
     tables = new_particle_tables(image_names, angles, shift_A, ctf, subset, apix, box)
     return ParticleSet(
         path=path, particles=tables["particles"], optics=tables["optics"], source_format="cryosparc",
