@@ -180,9 +180,9 @@ def test_symmetry_expanded_focused_refinement_improves_each_moving_domain(c3):
     assert fsc_composite > fsc_global + 0.015, (fsc_global, fsc_composite)
     assert err_focus < err_global - 0.8, (err_global, err_focus)
     info = json.loads((c3["focus"] / "final" / "composite_fsc.json").read_text())
-    # C3-symmetric to the accuracy of 120-degree resampling (tests/test_composite.py): measured 2.6e-4 of
-    # the peak (2.6e-3 before the final group average of composite_map), against 4.6e-3 for the
-    # symmetrised reconstruction at the start (its grids were summed over the group in Fourier space) and
-    # 7e-5 for the noise-free map (the floor of this measure).
-    assert info["symmetry_error_of_map_blur1.5px"] < info["symmetry_error_of_start_map_blur1.5px"] / 5
-    assert info["symmetry_error_of_map_blur1.5px"] < 5e-4
+    # The filtered composite map is C3-symmetric to 1e-4 of its peak (blur 1.5 px; measured 5.9e-5, 2.6e-4
+    # without its last average within the inscribed sphere, 2.6e-3 without composite_map's group average),
+    # against 4.3e-3 for the symmetrised reconstruction at the start (its grids were summed over the
+    # group in Fourier space) and 7e-5 for the noise-free map (the floor of 120-degree resampling).
+    assert info["symmetry_error_of_map_blur1.5px"] < info["symmetry_error_of_start_map_blur1.5px"] / 20
+    assert info["symmetry_error_of_map_blur1.5px"] < 1e-4

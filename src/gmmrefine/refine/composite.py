@@ -27,8 +27,13 @@ Nyquist frequency does not survive a turn (the noise-free map of a C3 assembly, 
 unblurred and by 8e-5 after a Gaussian blur of sigma 1.5 px). The error is therefore reported both
 raw and after that blur; quarter turns (C4, D2, ...) permute voxels and are exact. The averaged
 terms are mask x map products, sharp at the mask edges, so :func:`composite_map` ends with one plain
-group average of its (smooth) result (C3 test composite: 2.6e-3 -> 2.6e-4 of the peak, blur 1.5 px; a
-second average with 2x Fourier-oversampled rotations reached 1.3e-4, at 8x the cost, and was not kept).
+group average of its (smooth) result (C3 test composite: 2.6e-3 -> 2.6e-4 of the peak, blur 1.5 px).
+What remains comes from the noise near the box faces, which no rotation keeps in the box and which
+the interpolation's prefilter and the measure's blur carry inside: the filtered map written by
+``refine.patches.composite_outputs`` is limited to the inscribed sphere and averaged once more there
+(5.9e-5). Resampling more finely does not help (a group average with 2x Fourier-oversampled rotations
+of the whole box: 1.3e-4 at 8x the cost), nor do exact band-limited turns about z (the in-plane
+spectrum cut they need lowers the FSC to the noise-free map, 0.879 -> 0.820 on the C3 test's maps).
 """
 
 from __future__ import annotations
