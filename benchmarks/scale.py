@@ -15,8 +15,8 @@ Everything is generated in a temporary folder (``--workdir`` keeps it) and nothi
    of both halves at the input poses) and of iteration 1 (one refinement iteration: each half's GMM,
    pose refinement and reconstruction), refinement particles/s, the speed-ups 1 process / 2 processes,
    each process's peak RSS, and how far the two runs' final poses (degrees) and half maps (FSC) differ.
-   (Band 50-8 A, because at the half maps' own ~4.4 A estimate ``build_gmm``'s choice of N explodes on
-   these noisy box-128 maps of a small protein: 58,597 Gaussians requested, and the fit fails.)
+   (A fixed band, 50-8 A, so that the cost per particle does not depend on the resolution one
+   iteration happens to reach.)
 3. Memory: STAR files of ``--n`` and ``--big`` rows cycling through the simulated stack (images are
    read from disk, memory-mapped, exactly as real data; ``replicate_star`` of benchmarks/reconstruct.py)
    and on each ``gmmrefine refine --iterations 1 --steps 1 --resolution-start 8 --gmm-steps 20``, one
