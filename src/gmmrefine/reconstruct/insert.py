@@ -190,21 +190,29 @@ class FourierAccumulator:
         base = base.long()
         x0, y0, z0 = base[..., 0], base[..., 1], base[..., 2]
         fx, fy, fz = frac[..., 0], frac[..., 1], frac[..., 2]
-        idx_list, w_list = [], []
+        # Each corner written straight into its column of the (V, M, 8) index and weight tensors (no
+        # stack of 8 temporaries); the y rows and x columns of the corners computed once.
+        wx = (1 - fx, fx)
+        rx = (torch.clamp(x0, max=half - 1), torch.clamp(x0 + 1, max=half - 1))
+        ry = tuple(torch.remainder(y0 + d, size) * half for d in (0, 1))
+        wy = (1 - fy, fy)
+        idx = torch.empty(*x0.shape, 8, dtype=torch.long, device=pos.device)
+        tri = torch.empty(*x0.shape, 8, dtype=pos.dtype, device=pos.device)
+        corner = 0
         for dz in (0, 1):
             wz = fz if dz else 1 - fz
             rz = torch.remainder(z0 + dz, size) * (size * half)
             for dy in (0, 1):
-                wzy = wz * (fy if dy else 1 - fy)
-                rzy = rz + torch.remainder(y0 + dy, size) * half
+                wzy = wz * wy[dy]
+                rzy = rz + ry[dy]
                 for dx in (0, 1):
                     # x0 + 1 exceeds the last plane only when fx == 0, where its weight is 0 anyway.
-                    idx_list.append(rzy + torch.clamp(x0 + dx, max=half - 1))
-                    w_list.append(wzy * (fx if dx else 1 - fx))
+                    torch.add(rzy, rx[dx], out=idx[..., corner])
+                    torch.mul(wzy, wx[dx], out=tri[..., corner])
+                    corner += 1
         # Corner fastest: the 8 updates of one sample follow each other, so they hit nearby memory
         # (x neighbours share a cache line) instead of sweeping the grid 8 times.
-        idx = torch.stack(idx_list, dim=-1).reshape(-1)
-        tri = torch.stack(w_list, dim=-1)  # (V, M, 8)
+        idx = idx.view(-1)
         # scatter_add_ rather than index_add_: the same sums in the same order (bit-identical grids),
         # 3.5x faster for the complex grid and 1.3x for the real one on CPU (2.6 vs 9.0 and 5.0 vs
         # 6.6 ns per entry, measured at box 128).
