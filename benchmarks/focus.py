@@ -276,7 +276,7 @@ def main() -> int:
     parser.add_argument("--gmm-steps", type=int, default=150)
     parser.add_argument("--minres", type=float, default=50.0)
     parser.add_argument("--c3-n", type=int, default=600)
-    parser.add_argument("--c3-box", type=int, default=64)
+    parser.add_argument("--c3-box", type=int, default=80)
     parser.add_argument("--skip-c3", action="store_true")
     parser.add_argument("--skip-two-body", action="store_true")
     parser.add_argument("--skip-hetero", action="store_true", help="no conformation-to-pose arm (issue 7)")
