@@ -4,7 +4,8 @@ Simulates N particles (box 128 by default) with ``relion_project --ctf --add_noi
 folder, then times, each in its own process and measured by ``/usr/bin/time -v`` (wall time, peak RSS):
 
 * ``relion_reconstruct --ctf --subset 1`` and ``--subset 2`` (the two half maps; RELION 3.1's
-  relion_reconstruct is single-threaded) and, for reference, one run on all particles;
+  relion_reconstruct is single-threaded) one after the other and side by side (the peer on 2 cores),
+  and, for reference, one run on all particles;
 * ``gmmrefine reconstruct --ctf wiener`` (both half maps, FSC, plot in one pass) with
   ``torch.set_num_threads(1)`` and with 2 threads.
 
@@ -95,6 +96,22 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
     return {"wall_s": round(wall, 2), "peak_rss_MB": round(rss_kb / 1024, 1)}
 
 
+def measured_together(cmds: list[list[str]], env: dict | None = None) -> dict:
+    """Run ``cmds`` at the same time, each under /usr/bin/time -v: wall seconds until the last ends,
+    and each one's peak RSS (MB)."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for cmd in cmds]
+    outputs = [proc.communicate() for proc in procs]
+    wall = time.perf_counter() - t0
+    rss = []
+    for cmd, proc, (out, err) in zip(cmds, procs, outputs):
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-2000:]}\n{err[-2000:]}")
+        rss.append(round(int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1)) / 1024, 1))
+    return {"wall_s": round(wall, 2), "peak_rss_MB_each": rss, "peak_rss_MB_total": round(sum(rss), 1)}
+
+
 def ours(star: Path, out: Path, threads: int) -> dict:
     code = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); "
             "from gmmrefine.cli.main import main; sys.exit(main(sys.argv[2:]))")
@@ -129,6 +146,11 @@ def main() -> None:
         res["relion_half1"] = relion(star, work / "r_half1.mrc", "--subset", "1")
         res["relion_half2"] = relion(star, work / "r_half2.mrc", "--subset", "2")
         res["relion_all"] = relion(star, work / "r_all.mrc")
+        # The peer on both cores: RELION 3.1's relion_reconstruct has one thread, so its two halves
+        # run side by side.
+        res["relion_halves_side_by_side"] = measured_together(
+            [["relion_reconstruct", "--i", str(star), "--o", str(work / f"r2_half{h}.mrc"), "--ctf", "--subset", str(h)]
+             for h in (1, 2)], env=dict(os.environ, OMP_NUM_THREADS="1"))
         res["ours_1thread"] = ours(star, work / "ours1", 1)
         res["ours_2threads"] = ours(star, work / "ours2", 2)
         relion_halves_s = res["relion_half1"]["wall_s"] + res["relion_half2"]["wall_s"]
@@ -137,6 +159,10 @@ def main() -> None:
         res["speedup_vs_relion_halves_2threads"] = round(relion_halves_s / res["ours_2threads"]["wall_s"], 2)
         res["speedup_vs_relion_single_run_1thread"] = round(res["relion_all"]["wall_s"] / res["ours_1thread"]["wall_s"], 2)
         res["rss_ratio_ours_over_relion"] = round(res["ours_1thread"]["peak_rss_MB"] / relion_rss, 2)
+        side = res["relion_halves_side_by_side"]
+        res["speedup_2cores_vs_relion_halves_side_by_side"] = round(side["wall_s"] / res["ours_2threads"]["wall_s"], 2)
+        res["rss_ratio_2cores_ours_over_relion_side_by_side"] = round(
+            res["ours_2threads"]["peak_rss_MB"] / side["peak_rss_MB_total"], 2)
         a = torch.from_numpy(read_map(work / "ours1" / "half1.mrc")[0])
         b = torch.from_numpy(read_map(work / "r_half1.mrc")[0])
         fsc = fourier_shell_correlation(a, b)
@@ -162,6 +188,11 @@ def main() -> None:
     print(f"{'run':40s} {'wall (s)':>10s} {'peak RSS (MB)':>14s}")
     for name, r in rows:
         print(f"{name:40s} {r['wall_s']:10.1f} {r['peak_rss_MB']:14.1f}")
+    side = res["relion_halves_side_by_side"]
+    print(f"{'relion_reconstruct, both halves side by side':40s} {side['wall_s']:10.1f} "
+          f"{side['peak_rss_MB_total']:14.1f}  (two processes: {side['peak_rss_MB_each']})")
+    print(f"on 2 cores (ours 2 threads / RELION's halves side by side): {res['speedup_2cores_vs_relion_halves_side_by_side']}x "
+          f"faster, peak RSS ratio {res['rss_ratio_2cores_ours_over_relion_side_by_side']}")
     print(f"speed-up (RELION two half runs / ours): 1 thread {res['speedup_vs_relion_halves_1thread']}x, "
           f"2 threads {res['speedup_vs_relion_halves_2threads']}x; peak RSS ours/RELION "
           f"{res['rss_ratio_ours_over_relion']}; FSC(ours, RELION) half 1 >= "

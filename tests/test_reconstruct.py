@@ -195,6 +195,28 @@ def test_streamed_chunks_equal_one_batch(truth_and_particles):
     torch.testing.assert_close(only1[1].weight, a[1].weight, rtol=1e-5, atol=1e-4)
 
 
+def test_halves_inserted_on_two_threads_equal_one_after_the_other(truth_and_particles):
+    """With several torch threads the halves fill their grids concurrently: bit-identical grids."""
+    _, images, mats, shift_A = truth_and_particles
+    subset = torch.tensor([1, 2, 2] * 100)
+
+    def chunks():
+        for i in range(0, 300, 64):
+            yield images[i:i + 64], mats[i:i + 64], shift_A[i:i + 64], None, subset[i:i + 64]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = accumulate_images(chunks(), BOX, APIX)
+        torch.set_num_threads(2)
+        parallel = accumulate_images(chunks(), BOX, APIX)
+    finally:
+        torch.set_num_threads(threads)
+    for h in (1, 2):
+        assert serial[h].count == parallel[h].count == (100 if h == 1 else 200)
+        assert torch.equal(serial[h].data, parallel[h].data) and torch.equal(serial[h].weight, parallel[h].weight)
+
+
 def test_insert_rejects_bad_shapes():
     acc = FourierAccumulator(BOX)
     with pytest.raises(ValueError):
