@@ -91,8 +91,9 @@ def _row_tokens(rows: list[str]) -> list[list[str]]:
 class _LoopRows:
     """The rows of one ``loop_``, typed chunk by chunk as they are read.
 
-    A column is int64 when every chunk is, float64 when every chunk is a number, and otherwise the
-    rows' text, read again from the file (``reread``), so the types are those of the whole column.
+    A column is int64 when every chunk is, float64 when every chunk is a number, and otherwise its
+    text: kept as read when every chunk was text, read again from the file when a text chunk follows
+    numeric ones (:meth:`_text_column`; rare), so the types are those of the whole column.
     """
 
     def __init__(self, path: Path, block: str, columns: list[str], first_line: int):
@@ -134,6 +135,7 @@ class _LoopRows:
         self.pending = []
 
     def _text_column(self, j: int) -> np.ndarray:
+        """``(n_rows,)`` text of column ``j``, from the loop's lines in the file (rows already checked)."""
         values = []
         with open(self.path) as fh:
             rows: list[str] = []
