@@ -217,6 +217,30 @@ def test_halves_inserted_on_two_threads_equal_one_after_the_other(truth_and_part
         assert torch.equal(serial[h].data, parallel[h].data) and torch.equal(serial[h].weight, parallel[h].weight)
 
 
+@pytest.mark.parametrize("sym,wiener", [(None, False), ("D2", True)])
+def test_compiled_insertion_equals_tensor_insertion(truth_and_particles, sym, wiener):
+    """The C kernel (the CPU default) against the torch code (CUDA's): same sums in another order."""
+    from gmmrefine.reconstruct import _kernels
+
+    assert _kernels.available(), "the compiled kernels are not built (pip install -e . builds them)"
+    _, images, mats, shift_A = truth_and_particles
+    spectra, _ = prepare_spectra(images[:150], shift_A[:150], APIX, None)
+    weights = torch.rand(spectra.shape, generator=torch.Generator().manual_seed(5)) if wiener else None
+    ops = symmetry_matrices(sym) if sym else None
+    accs = {}
+    for method in ("tensor", "compiled", "auto"):
+        accs[method] = FourierAccumulator(BOX)
+        accs[method].insert(spectra, mats[:150], weights, symmetry=ops, method=method)
+    tensor, compiled = accs["tensor"], accs["compiled"]
+    assert torch.equal(accs["auto"].data, compiled.data)  # auto picks the kernel on the CPU, and it repeats
+    assert compiled.weight.sum() > 0 and compiled.count == tensor.count == 150
+    scale = tensor.data.abs().max()
+    assert (compiled.data - tensor.data).abs().max() / scale < 1e-6
+    assert (compiled.weight - tensor.weight).abs().max() / tensor.weight.max() < 1e-6
+    with pytest.raises(ValueError):
+        FourierAccumulator(BOX, device="meta").insert(spectra[:1], mats[:1], method="compiled")
+
+
 def test_insert_rejects_bad_shapes():
     acc = FourierAccumulator(BOX)
     with pytest.raises(ValueError):

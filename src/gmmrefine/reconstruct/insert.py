@@ -135,6 +135,7 @@ class FourierAccumulator:
         matrices: torch.Tensor,
         weights: torch.Tensor | None = None,
         symmetry: torch.Tensor | None = None,
+        method: str = "auto",
     ) -> None:
         """Insert central slices.
 
@@ -147,7 +148,19 @@ class FourierAccumulator:
                 None for weight 1 (phase-flipped images).
             symmetry: optional ``(K, 3, 3)`` symmetry operators ``L``; each particle is inserted at
                 ``A @ L`` for every operator (include the identity).
+            method: ``"compiled"`` (the C kernel of :mod:`gmmrefine.reconstruct._kernels`, CPU only),
+                ``"tensor"`` (vectorised torch, any device), or ``"auto"``: compiled on a CPU where it
+                is built, tensor elsewhere. They agree to float32 rounding (the sums run in another
+                order).
         """
+        if method not in ("auto", "compiled", "tensor"):
+            raise ValueError(f"method must be 'auto', 'compiled' or 'tensor', got {method!r}")
+        if method == "auto":
+            from gmmrefine.reconstruct._kernels import available
+
+            method = "compiled" if self.device.type == "cpu" and available() else "tensor"
+        if method == "compiled" and self.device.type != "cpu":
+            raise ValueError(f"the compiled insertion runs on the CPU only; this accumulator is on {self.device}")
         box = self.box
         if spectra.ndim != 3 or spectra.shape[-2:] != (box, box // 2 + 1):
             raise ValueError(f"spectra must be (B, {box}, {box // 2 + 1}), got {tuple(spectra.shape)}")
@@ -169,6 +182,13 @@ class FourierAccumulator:
             ops = symmetry.to(device=self.device, dtype=torch.float32)
             mats = (mats[:, None] @ ops[None]).reshape(-1, 3, 3)  # view v is particle v // nk
             nk = ops.shape[0]
+        if method == "compiled":
+            from gmmrefine.reconstruct import _kernels
+
+            _kernels.insert_slices(self.data, self.weight, values.contiguous(), wts.contiguous(), mats.contiguous(),
+                                   torch.arange(mats.shape[0]) // nk, freqs.contiguous())
+            self.count += nb
+            return
         step = max(1, _SAMPLES_PER_STEP // max(1, freqs.shape[0]))
         for start in range(0, mats.shape[0], step):
             views = torch.arange(start, min(start + step, mats.shape[0]), device=self.device)

@@ -291,7 +291,7 @@ def _blob_slab_table(size: int, radius: float, alpha: float, device) -> torch.Te
 # Particles turned into spectra and inserted per step: bounds the spectra and CTF tensors (a few MB
 # at box 128) independently of the chunk size read from disk. 8 rather than 32: with both halves
 # inserted at once the peak memory of a box-128 reconstruction 646 -> 632 MB, same speed (measured).
-_IMAGES_PER_STEP = 8
+_IMAGES_PER_STEP = 64
 
 
 def accumulate_images(
