@@ -163,3 +163,47 @@ def test_frc_gradient_points_to_true_pose():
         sched.step()
     err = rotation_angle_deg(axis_angle_to_matrix(v.detach()) @ rot_true, rot_true)
     assert float(err.max()) < 0.5 and float(t.detach().abs().max()) < 0.1
+
+
+def test_compiled_tables_equal_tensor_tables(monkeypatch):
+    """The C table kernels (float32 on the CPU) against the torch code that CUDA runs: forward and
+    every gradient, over several chunks, with shared and per-particle GMM parameters."""
+    import gmmrefine.gmm.project as project
+    from gmmrefine import native
+
+    assert native.available(), "the compiled kernels are not built (pip install -e . builds them)"
+    gen = torch.Generator().manual_seed(8)
+    band = fourier_band(48, 1.5, 40.0, 3.2)
+    n, batch = 300, 3
+    monkeypatch.setattr(project, "_MIN_CHUNK_COMPILED", 8)
+    monkeypatch.setattr(project, "_GAUSSIANS_PER_FREQUENCY", 1)  # chunks of K + 1 = 23 Gaussians: 14 chunks
+    monkeypatch.setattr(project, "_MIN_CHUNK", 8)
+    monkeypatch.setattr(project, "_CHUNK_FLOATS", batch * 4 * (band.k_max + 1) * 40)
+    cases = {
+        "shared GMM": ((batch, n, 2), (n,), (n,)),
+        "per-particle GMM": ((batch, n, 2), (batch, n), (batch, n)),
+        "shared positions": ((1, n, 2), (batch, n), (n,)),
+    }
+    for name, (pos_shape, amp_shape, width_shape) in cases.items():
+        pos = torch.randn(pos_shape, generator=gen) * 20
+        amp = torch.rand(amp_shape, generator=gen) + 0.5
+        width = torch.rand(width_shape, generator=gen) + 1.0
+        weights = torch.randn(2, batch, band.n_pixels, generator=gen)
+        results = {}
+        for compiled in (True, False):
+            calls = []
+            with monkeypatch.context() as m:
+                if compiled:
+                    kernel = native.projection_tables
+                    m.setattr(native, "projection_tables", lambda *args: calls.append(1) or kernel(*args))
+                else:
+                    m.setattr(project, "_compiled_tables", lambda *args: False)
+                leaves = [t.clone().requires_grad_() for t in (pos, amp, width)]
+                re, im = project_positions(*leaves, band)
+                ((re * weights[0]).sum() + (im * weights[1]).sum()).backward()
+            assert len(calls) == (14 if compiled else 0), name  # one kernel call per chunk
+            results[compiled] = [re.detach(), im.detach()] + [t.grad for t in leaves]
+        for label, c, t in zip(("re", "im", "d pos", "d amp", "d width"), results[True], results[False]):
+            assert c.shape == t.shape, (name, label)
+            err = float((c - t).abs().max() / t.abs().max())
+            assert err < 2e-5, f"{name}, {label}: relative difference {err:.2e}"

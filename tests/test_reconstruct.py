@@ -220,9 +220,9 @@ def test_halves_inserted_on_two_threads_equal_one_after_the_other(truth_and_part
 @pytest.mark.parametrize("sym,wiener", [(None, False), ("D2", True)])
 def test_compiled_insertion_equals_tensor_insertion(truth_and_particles, sym, wiener):
     """The C kernel (the CPU default) against the torch code (CUDA's): same sums in another order."""
-    from gmmrefine.reconstruct import _kernels
+    from gmmrefine import native
 
-    assert _kernels.available(), "the compiled kernels are not built (pip install -e . builds them)"
+    assert native.available(), "the compiled kernels are not built (pip install -e . builds them)"
     _, images, mats, shift_A = truth_and_particles
     spectra, _ = prepare_spectra(images[:150], shift_A[:150], APIX, None)
     weights = torch.rand(spectra.shape, generator=torch.Generator().manual_seed(5)) if wiener else None

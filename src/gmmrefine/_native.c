@@ -138,6 +138,121 @@ int gmm_insert_slices(float *data, float *weight, const float *values, const flo
     return 0;
 }
 
+/* e^{i n t} for n = 0..k1-1 by doubling: entries L..2L-1 are entries 0..L-1 times e^{i L t}, a
+ * vectorisable loop; one cos and sin per call, error ~log2(n) roundings of double precision. */
+static void phasors(double t, int64_t k1, double *re, double *im) {
+    re[0] = 1.0;
+    im[0] = 0.0;
+    if (k1 > 1) {
+        re[1] = cos(t);
+        im[1] = sin(t);
+    }
+    for (int64_t len = 2; len < k1; len *= 2) {
+        const double hr = re[len / 2], hi = im[len / 2];
+        const double sr = hr * hr - hi * hi, si = 2.0 * hr * hi; /* e^{i L t} = (e^{i L/2 t})^2 */
+        const int64_t count = len < k1 - len ? len : k1 - len;
+#pragma omp simd
+        for (int64_t m = 0; m < count; m++) {
+            re[len + m] = re[m] * sr - im[m] * si;
+            im[len + m] = re[m] * si + im[m] * sr;
+        }
+    }
+}
+
+/*
+ * Tables of the separable GMM projection (gmmrefine/gmm/project.py) in one pass instead of ~4
+ * tensor passes: for particle b, Gaussian j and n = 0..k1-1, with t = 2 pi f1 p and the envelope
+ * g_n = exp(-2 pi^2 s^2 f1^2 n^2),
+ *   x0[b, j, 2n] = g_n cos(n t_x), x0[b, j, 2n + 1] = g_n sin(n t_x)   (y0 likewise with p_y)
+ *   ys[b, j, :]  = y0[b, j, :] * ascale[b, j]
+ * computed in double precision and stored as float32. The envelope of a Gaussian is computed once
+ * for every particle that shares its width.
+ *
+ * pos: (bp, N, 2) x, y in A; width: (bw, N) A; ascale: (ba, N); the tables have batch tb = max(bp,
+ * bw) and ys has max(tb, ba) (a batch of 1 broadcasts). Gaussians c0 <= j < c0 + nc are written at
+ * j - c0. Threads: OpenMP over Gaussians, in the runtime torch uses (libgomp is loaded by torch
+ * before this library, so the two share one thread pool and its thread count).
+ */
+void gmm_projection_tables(const float *pos, const float *width, const float *ascale, int64_t bp,
+                           int64_t bw, int64_t ba, int64_t n, int64_t c0, int64_t nc, int64_t k1,
+                           double f1, float *x0, float *y0, float *ys) {
+    const int64_t tb = bp > bw ? bp : bw, yb = tb > ba ? tb : ba, row = 2 * k1;
+    const double two_pi_f1 = 2.0 * 3.14159265358979323846 * f1;
+    const double c = -2.0 * 3.14159265358979323846 * 3.14159265358979323846 * f1 * f1;
+#pragma omp parallel
+    {
+        double *buf = malloc(sizeof(double) * 5 * (size_t)k1);
+        double *xr = buf, *xi = buf + k1, *yr = buf + 2 * k1, *yi = buf + 3 * k1, *g = buf + 4 * k1;
+#pragma omp for schedule(static)
+        for (int64_t jc = 0; jc < nc; jc++) {
+            const int64_t j = c0 + jc;
+            for (int64_t b = 0; b < yb; b++) {
+                const int64_t bt = tb > 1 ? b : 0;
+                if (b == 0 || bw > 1) {
+                    const double s = width[(bw > 1 ? bt : 0) * n + j];
+#pragma omp simd
+                    for (int64_t k = 0; k < k1; k++) g[k] = exp(c * s * s * (double)(k * k));
+                }
+                if (b == 0 || tb > 1) {
+                    const float *p = pos + 2 * ((bp > 1 ? bt : 0) * n + j);
+                    phasors(two_pi_f1 * p[0], k1, xr, xi);
+                    phasors(two_pi_f1 * p[1], k1, yr, yi);
+                }
+                const float a = ascale[(ba > 1 ? b : 0) * n + j];
+                float *oy = ys + (b * nc + jc) * row;
+                if (b < tb) {
+                    float *ox = x0 + (bt * nc + jc) * row, *o = y0 + (bt * nc + jc) * row;
+#pragma omp simd
+                    for (int64_t k = 0; k < k1; k++) {
+                        ox[2 * k] = (float)(g[k] * xr[k]);
+                        ox[2 * k + 1] = (float)(g[k] * xi[k]);
+                        o[2 * k] = (float)(g[k] * yr[k]);
+                        o[2 * k + 1] = (float)(g[k] * yi[k]);
+                    }
+                }
+#pragma omp simd
+                for (int64_t k = 0; k < k1; k++) {
+                    oy[2 * k] = (float)(g[k] * yr[k]) * a;
+                    oy[2 * k + 1] = (float)(g[k] * yi[k]) * a;
+                }
+            }
+        }
+        free(buf);
+    }
+}
+
+/*
+ * Sums over frequency of the backward of the separable projection: with z_n = h_n * tab_n (complex
+ * products of a table gradient's conjugate and the table, both interleaved re, im),
+ *   out[b, j] = (sum_n Re z_n, f1^2 sum_n n^2 Re z_n, 2 pi f1 sum_n n Im z_n)
+ * h: (B, nc, 2 k1); tab: (tb, nc, 2 k1) with tb = 1 or B; out: (B, nc, 3).
+ */
+void gmm_projection_table_sums(const float *h, const float *tab, int64_t nb, int64_t tb, int64_t nc,
+                               int64_t k1, double f1, float *out) {
+    const int64_t row = 2 * k1;
+    const float w1 = (float)(f1 * f1), w2 = (float)(2.0 * 3.14159265358979323846 * f1);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t j = 0; j < nc; j++) {
+            const float *hr = h + (b * nc + j) * row, *tr = tab + ((tb > 1 ? b : 0) * nc + j) * row;
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2)
+            for (int64_t k = 0; k < k1; k++) {
+                const float re = hr[2 * k] * tr[2 * k] - hr[2 * k + 1] * tr[2 * k + 1];
+                const float im = hr[2 * k] * tr[2 * k + 1] + hr[2 * k + 1] * tr[2 * k];
+                const float fk = (float)k;
+                s0 += re;
+                s1 += fk * fk * re;
+                s2 += fk * im;
+            }
+            float *o = out + 3 * (b * nc + j);
+            o[0] = s0;
+            o[1] = w1 * s1;
+            o[2] = w2 * s2;
+        }
+    }
+}
+
 /* An importable module too, so that packaging and import machinery can find the library. */
 static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native", "gmmrefine's compiled CPU kernels (called through ctypes).", -1, NULL};
 

@@ -24,6 +24,12 @@ of the same size, then one complex multiply per table (``conj(dL/dtable) * table
 amplitude terms in its real part and the position terms in its imaginary part) and one small matmul
 for the sums over frequency; autograd would keep complex intermediates and launch ~3x more
 full-size kernels. Gaussians are processed in chunks (CPU) so temporaries are reused heap memory.
+On the CPU in float32, the tables and the backward's sums over frequency come from C kernels
+(:mod:`gmmrefine.native`, OpenMP in torch's own thread pool): one pass over each table instead of ~4
+tensor passes, the envelope computed once per Gaussian for all particles, and chunks of ``8 (K+1)``
+Gaussians whose tables stay in cache. Measured against the tensor tables in one run (2 threads,
+batch 16): 1.0x at K = 24, 1.1x at K = 64, 1.2x at N = 8,000, box 192, 4 A and at N = 16,000,
+box 256, 3 A; the torch code remains what CUDA and float64 (gradcheck) run.
 
 Measured on the shared 2-core machine (1 thread: with other jobs on the cores, load ~8, 2-thread
 timings were dominated by OpenMP threads waiting for each other; ratios are from interleaved rounds
@@ -218,24 +224,30 @@ def project_positions(positions_A: torch.Tensor, amplitudes: torch.Tensor, width
     n_gauss = positions_A.shape[1]
     batch = max(positions_A.shape[0], amplitudes.shape[0] if amplitudes.ndim == 2 else 1,
                 widths_A.shape[0] if widths_A.ndim == 2 else 1)
-    # Gaussians in chunks whose tables hold ~_CHUNK_FLOATS numbers: the backward's temporaries then
-    # come from reused heap memory instead of fresh page-faulted pages, and stay closer to cache.
-    # Measured on CPU, N = 16,000, box 192, 4 A, batch 16: 1.5x faster with chunks of 1,000 than in
-    # one piece (8.2 -> 12.1 particles/s, 1 thread).
-    chunk = n_gauss if positions_A.device.type != "cpu" else max(_MIN_CHUNK, _CHUNK_FLOATS // (batch * 4 * k1))
-    re = im = None
-    for start in range(0, n_gauss, chunk):
-        sl = slice(start, start + chunk)
-        part = _SeparableProjection.apply(positions_A[:, sl], amplitudes[..., sl], widths_A[..., sl], freqs,
-                                          gather, sign, weights, k1, band.apix)
-        re, im = (part[0], part[1]) if re is None else (re + part[0], im + part[1])
-    return re, im
+    compiled = _compiled_tables(positions_A, amplitudes, widths_A)
+    # Gaussians in chunks (CPU), so that a chunk's tables are still in cache when the bmm and the
+    # backward read them, and temporaries are reused heap memory instead of fresh page-faulted pages.
+    # Measured (2 threads, batch 16, particles/s, compiled tables): chunks of 8 K1 Gaussians against
+    # chunks of 3.2M table floats: ~1.35x at K = 24 and ~1.15x at K = 48, the same at K = 85. The
+    # tensor tables pay a fixed cost per chunk and keep the larger chunks (1.5x faster than one
+    # piece at N = 16,000, box 192, 4 A, 1 thread).
+    if positions_A.device.type != "cpu":
+        chunk = n_gauss
+    elif compiled:
+        chunk = max(_MIN_CHUNK_COMPILED, _GAUSSIANS_PER_FREQUENCY * k1)
+    else:
+        chunk = max(_MIN_CHUNK, _CHUNK_FLOATS // (batch * 4 * k1))
+    return _SeparableProjection.apply(positions_A, amplitudes, widths_A, freqs, gather, sign, weights, k1,
+                                      band.apix, chunk, compiled)
 
 
 # Size of one Gaussian chunk's tables (floats) on CPU, and the fewest Gaussians per chunk; see
 # project_positions.
 _CHUNK_FLOATS = 3_200_000
 _MIN_CHUNK = 256
+# Gaussians per chunk for the compiled tables: this many per frequency index (and at least the minimum).
+_GAUSSIANS_PER_FREQUENCY = 8
+_MIN_CHUNK_COMPILED = 32
 
 
 _TABLE_CACHE: dict = {}
@@ -286,50 +298,45 @@ class _SeparableProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pos, amp, width, freqs, gather, sign, weights, k1, apix):
+    def forward(ctx, pos, amp, width, freqs, gather, sign, weights, k1, apix, chunk, compiled):
         kappa = (2 * math.pi) ** 1.5 / apix**3
-        amp_b = amp if amp.ndim == 2 else amp[None]      # (Bw, N)
+        amp_b = amp if amp.ndim == 2 else amp[None]      # (Ba, N)
         width_b = width if width.ndim == 2 else width[None]
-        gauss = torch.exp((-2 * math.pi**2) * width_b[..., None] ** 2 * (freqs * freqs))  # (Bw, N, K1)
-        ascale = amp_b * kappa * width_b**3                                             # (Ba, N)
-        n_pos, n_gauss = pos.shape[0], pos.shape[1]
-        bt = max(n_pos, gauss.shape[0])
-        # tables[b, axis, j, n, cos/sin] = e^{i n t}, t = 2 pi f_1 p, by doubling: entries n..2n-1 are
-        # entries 0..n-1 times e^{i n t} (n = 1, 2, 4, ...): one sin/cos per Gaussian and ~1 complex
-        # multiply per entry instead of a sin and a cos per entry (2x faster table build at K = 18).
-        # Phase error grows as ~n * 6e-8 rad, the same as sin(n t) suffers from rounding n t itself.
-        tables = torch.empty(bt, 2, n_gauss, k1, 2, dtype=pos.dtype, device=pos.device)
-        phase = torch.view_as_complex(tables)                                            # (bt, 2, N, K1)
-        t1 = (pos.transpose(1, 2) * (2 * math.pi * freqs[1])).expand(bt, -1, -1)      # k1 >= 2: no DC-only band
-        step = torch.complex(torch.cos(t1), torch.sin(t1))                               # e^{i t}
-        phase[..., 0] = 1.0
-        filled = 1
-        while filled < k1:
-            count = min(filled, k1 - filled)
-            torch.mul(phase[..., :count], step[..., None], out=phase[..., filled:filled + count])
-            filled += count
-            if filled < k1:
-                step = step * step
-        tables.mul_(gauss[:, None, :, :, None])
-        x0 = tables[:, 0].view(bt, n_gauss, 2 * k1)
-        y0 = tables[:, 1].view(bt, n_gauss, 2 * k1)
-        batch = max(bt, ascale.shape[0])
-        y_scaled = y0 * ascale[..., None]
-        blocks = torch.bmm(y_scaled.expand(batch, -1, -1).transpose(1, 2), x0.expand(batch, -1, -1))
-        del y_scaled
+        ascale = amp_b * kappa * width_b**3               # (Ba, N)
+        n_gauss = pos.shape[1]
+        f1 = float(freqs[1]) if compiled else 0.0   # compiled tables are CPU tensors: no device sync
+        blocks = None
+        chunks = []
+        for start in range(0, n_gauss, chunk):
+            stop = min(start + chunk, n_gauss)
+            if compiled:
+                from gmmrefine import native
+
+                x0, y0, y_scaled = native.projection_tables(pos, width_b, ascale, start, stop, k1, f1)
+            else:
+                x0, y0, y_scaled = _tables(pos[:, start:stop], width_b[:, start:stop], ascale[:, start:stop], freqs, k1)
+            batch = y_scaled.shape[0]
+            part = torch.bmm(y_scaled.transpose(1, 2), x0.expand(batch, -1, -1))
+            del y_scaled
+            blocks = part if blocks is None else blocks.add_(part)
+            chunks.append((x0, y0))
         blocks = blocks.flatten(1)                                                      # (B, 4 K1^2)
         cc, cs, sc, ss = (blocks[:, g] for g in gather)
         re = cc - sign * ss
         im = -(sign * sc + cs)
-        ctx.save_for_backward(tables, ascale, amp_b, width_b, gather, sign, weights)
+        ctx.save_for_backward(ascale, amp_b, width_b, gather, sign, weights, freqs,
+                              *[t for pair in chunks for t in pair])
         ctx.k1 = k1
         ctx.kappa = kappa
+        ctx.compiled = compiled
+        ctx.f1 = f1
         ctx.shapes = (pos.shape, amp.shape, width.shape)
         return re, im
 
     @staticmethod
     def backward(ctx, g_re, g_im):
-        tables, ascale, amp_b, width_b, gather, sign, weights = ctx.saved_tensors
+        ascale, amp_b, width_b, gather, sign, weights, freqs, *flat = ctx.saved_tensors
+        chunks = list(zip(flat[0::2], flat[1::2]))
         pos_shape, amp_shape, width_shape = ctx.shapes
         k1 = ctx.k1
         if g_re is None:
@@ -337,7 +344,6 @@ class _SeparableProjection(torch.autograd.Function):
         if g_im is None:
             g_im = torch.zeros_like(g_re)
         batch = g_re.shape[0]
-        bt, n_gauss = tables.shape[0], tables.shape[2]
         g_blocks = torch.zeros(batch, 4 * k1 * k1, dtype=g_re.dtype, device=g_re.device)
         g_blocks.index_add_(1, gather[0], g_re)
         g_blocks.index_add_(1, gather[3], -sign * g_re)
@@ -347,16 +353,22 @@ class _SeparableProjection(torch.autograd.Function):
         # Negating the sin columns (rows) makes the products below the conjugate table gradients.
         flip = torch.ones(2 * k1, dtype=g_re.dtype, device=g_re.device)
         flip[1::2] = -1.0
-        x0 = tables[:, 0].view(bt, n_gauss, 2 * k1).expand(batch, -1, -1)
-        y0 = tables[:, 1].view(bt, n_gauss, 2 * k1).expand(batch, -1, -1)
-        h_conj = torch.bmm(y0, g_blocks * flip)                      # conj(d/dX0) / a   (B, N, 2K1)
-        g_conj = torch.bmm(x0, g_blocks.transpose(1, 2) * flip)      # conj(d/dY0) / a
-        zx = torch.view_as_complex(h_conj.view(batch, n_gauss, k1, 2)) * torch.view_as_complex(
-            tables[:, 0]).expand(batch, -1, -1)
-        zy = torch.view_as_complex(g_conj.view(batch, n_gauss, k1, 2)) * torch.view_as_complex(
-            tables[:, 1]).expand(batch, -1, -1)
-        rx = torch.view_as_real(zx).reshape(batch, n_gauss, 2 * k1) @ weights   # (B, N, 3)
-        ry = torch.view_as_real(zy).reshape(batch, n_gauss, 2 * k1) @ weights
+        g_rows = g_blocks * flip
+        g_cols = g_blocks.transpose(1, 2) * flip
+        sums_x, sums_y = [], []
+        for x0, y0 in chunks:
+            h_conj = torch.bmm(y0.expand(batch, -1, -1), g_rows)    # conj(d/dX0) / a   (B, n, 2K1)
+            g_conj = torch.bmm(x0.expand(batch, -1, -1), g_cols)    # conj(d/dY0) / a
+            if ctx.compiled:
+                from gmmrefine import native
+
+                sums_x.append(native.projection_table_sums(h_conj, x0, ctx.f1))
+                sums_y.append(native.projection_table_sums(g_conj, y0, ctx.f1))
+            else:
+                sums_x.append(_table_sums(h_conj, x0, weights))
+                sums_y.append(_table_sums(g_conj, y0, weights))
+        rx = torch.cat(sums_x, 1) if len(sums_x) > 1 else sums_x[0]                    # (B, N, 3)
+        ry = torch.cat(sums_y, 1) if len(sums_y) > 1 else sums_y[0]
         a = ascale.expand(batch, -1)
         d_pos = torch.stack([rx[..., 2], ry[..., 2]], -1) * (-a[..., None])
         if pos_shape[0] != batch:
@@ -368,7 +380,60 @@ class _SeparableProjection(torch.autograd.Function):
         d_amp = d_ascale * ctx.kappa * s**3
         d_amp = d_amp.sum_to_size(amp_shape) if len(amp_shape) == 2 else d_amp.sum(0)
         d_width = d_width.sum_to_size(width_shape) if len(width_shape) == 2 else d_width.sum(0)
-        return d_pos, d_amp, d_width, None, None, None, None, None, None
+        return d_pos, d_amp, d_width, None, None, None, None, None, None, None, None
+
+
+def _compiled_tables(pos: torch.Tensor, amplitudes: torch.Tensor, widths_A: torch.Tensor) -> bool:
+    """Whether the C table kernels apply: float32 contiguous CPU tensors whose batches broadcast."""
+    tensors = (pos, amplitudes, widths_A)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return False
+    batches = [pos.shape[0]] + [t.shape[0] for t in (amplitudes, widths_A) if t.ndim == 2]
+    if any(b not in (1, max(batches)) for b in batches):
+        return False
+    from gmmrefine import native
+
+    return native.available()
+
+
+def _tables(pos: torch.Tensor, width_b: torch.Tensor, ascale: torch.Tensor, freqs: torch.Tensor, k1: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch twin of ``native.projection_tables`` (any device and dtype) for one chunk of Gaussians.
+
+    Returns ``(x0, y0, y0 * ascale)``, the first two ``(Bt, n, 2 K1)`` views of one table tensor.
+    """
+    gauss = torch.exp((-2 * math.pi**2) * width_b[..., None] ** 2 * (freqs * freqs))  # (Bw, n, K1)
+    n_pos, n_gauss = pos.shape[0], pos.shape[1]
+    bt = max(n_pos, gauss.shape[0])
+    # tables[b, axis, j, n, cos/sin] = e^{i n t}, t = 2 pi f_1 p, by doubling: entries n..2n-1 are
+    # entries 0..n-1 times e^{i n t} (n = 1, 2, 4, ...): one sin/cos per Gaussian and ~1 complex
+    # multiply per entry instead of a sin and a cos per entry (2x faster table build at K = 18).
+    # Phase error grows as ~n * 6e-8 rad, the same as sin(n t) suffers from rounding n t itself.
+    tables = torch.empty(bt, 2, n_gauss, k1, 2, dtype=pos.dtype, device=pos.device)
+    phase = torch.view_as_complex(tables)                                            # (bt, 2, n, K1)
+    t1 = (pos.transpose(1, 2) * (2 * math.pi * freqs[1])).expand(bt, -1, -1)      # k1 >= 2: no DC-only band
+    step = torch.complex(torch.cos(t1), torch.sin(t1))                               # e^{i t}
+    phase[..., 0] = 1.0
+    filled = 1
+    while filled < k1:
+        count = min(filled, k1 - filled)
+        torch.mul(phase[..., :count], step[..., None], out=phase[..., filled:filled + count])
+        filled += count
+        if filled < k1:
+            step = step * step
+    tables.mul_(gauss[:, None, :, :, None])
+    x0 = tables[:, 0].view(bt, n_gauss, 2 * k1)
+    y0 = tables[:, 1].view(bt, n_gauss, 2 * k1)
+    batch = max(bt, ascale.shape[0])
+    return x0, y0, (y0 * ascale[..., None]).expand(batch, -1, -1)
+
+
+def _table_sums(h_conj: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Torch twin of ``native.projection_table_sums``: ``(B, n, 3)`` weighted sums of ``h * table``."""
+    batch, n_gauss, row = h_conj.shape
+    z = torch.view_as_complex(h_conj.view(batch, n_gauss, row // 2, 2)) * torch.view_as_complex(
+        table.reshape(table.shape[0], n_gauss, row // 2, 2)).expand(batch, -1, -1)
+    return torch.view_as_real(z).reshape(batch, n_gauss, row) @ weights
 
 
 def project_reference(centers_A: torch.Tensor, amplitudes: torch.Tensor, widths_A: torch.Tensor,

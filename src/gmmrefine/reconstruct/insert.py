@@ -148,7 +148,7 @@ class FourierAccumulator:
                 None for weight 1 (phase-flipped images).
             symmetry: optional ``(K, 3, 3)`` symmetry operators ``L``; each particle is inserted at
                 ``A @ L`` for every operator (include the identity).
-            method: ``"compiled"`` (the C kernel of :mod:`gmmrefine.reconstruct._kernels`, CPU only),
+            method: ``"compiled"`` (the C kernel of :mod:`gmmrefine.native`, CPU only),
                 ``"tensor"`` (vectorised torch, any device), or ``"auto"``: compiled on a CPU where it
                 is built, tensor elsewhere. They agree to float32 rounding (the sums run in another
                 order).
@@ -156,7 +156,7 @@ class FourierAccumulator:
         if method not in ("auto", "compiled", "tensor"):
             raise ValueError(f"method must be 'auto', 'compiled' or 'tensor', got {method!r}")
         if method == "auto":
-            from gmmrefine.reconstruct._kernels import available
+            from gmmrefine.native import available
 
             method = "compiled" if self.device.type == "cpu" and available() else "tensor"
         if method == "compiled" and self.device.type != "cpu":
@@ -183,9 +183,9 @@ class FourierAccumulator:
             mats = (mats[:, None] @ ops[None]).reshape(-1, 3, 3)  # view v is particle v // nk
             nk = ops.shape[0]
         if method == "compiled":
-            from gmmrefine.reconstruct import _kernels
+            from gmmrefine import native
 
-            _kernels.insert_slices(self.data, self.weight, values.contiguous(), wts.contiguous(), mats.contiguous(),
+            native.insert_slices(self.data, self.weight, values.contiguous(), wts.contiguous(), mats.contiguous(),
                                    torch.arange(mats.shape[0]) // nk, freqs.contiguous())
             self.count += nb
             return

@@ -336,8 +336,12 @@ def accumulate_images(
     # On a CPU with several threads the halves fill their own grids at the same time: the scatter
     # into a grid runs on one thread, and the two halves never touch each other's grid, so each
     # grid gets the same sums in the same order as one after the other (bit-identical).
-    parallel = torch.device(device).type == "cpu" and len(accs) > 1 and torch.get_num_threads() > 1
-    pool = ThreadPoolExecutor(max_workers=len(accs)) if parallel else None
+    threads = torch.get_num_threads()
+    parallel = torch.device(device).type == "cpu" and len(accs) > 1 and threads > 1
+    # Each half's thread runs its torch operations on itself alone (set_num_threads acts per thread
+    # for OpenMP): otherwise each would start a team of `threads` OpenMP threads, 4 on 2 cores.
+    pool = ThreadPoolExecutor(max_workers=len(accs), initializer=torch.set_num_threads, initargs=(1,)) \
+        if parallel else None
     try:
         for images, matrices, shift_A, ctf, subset in chunks:
             subset = torch.as_tensor(subset)
@@ -350,6 +354,7 @@ def accumulate_images(
     finally:
         if pool is not None:
             pool.shutdown()
+            torch.set_num_threads(threads)  # MKL's thread count is process-wide: give it back
     return accs
 
 

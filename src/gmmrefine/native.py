@@ -1,9 +1,13 @@
 """ctypes bindings of the compiled CPU kernels (``src/gmmrefine/_native.c``, built at install time).
 
+Two hot loops have a C twin of their torch code on the CPU: the Fourier insertion of the
+reconstruction, and the table passes of the separable GMM projection. The torch code stays the one
+that runs on CUDA (and in float64); tests hold the two to each other.
+
 Why C and not numba: importing numba and loading one compiled function costs ~120 MB of resident
 memory (LLVM), more than the headroom of a reconstruction under relion_reconstruct's peak; the C
 library costs nothing measurable. The kernels take raw pointers and run with the GIL released, so
-two threads can fill the two halves' grids at once.
+Python threads run them on several cores at once (:func:`_split`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ _PLANES_PER_TILE = 4
 
 _ptr = ctypes.c_void_p
 _i64 = ctypes.c_int64
+_f64 = ctypes.c_double
 
 
 @lru_cache(maxsize=None)
@@ -34,6 +39,10 @@ def _library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(spec.origin)
     lib.gmm_insert_slices.restype = ctypes.c_int
     lib.gmm_insert_slices.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64]
+    lib.gmm_projection_tables.restype = None
+    lib.gmm_projection_tables.argtypes = [_ptr, _ptr, _ptr] + [_i64] * 7 + [_f64, _ptr, _ptr, _ptr]
+    lib.gmm_projection_table_sums.restype = None
+    lib.gmm_projection_table_sums.argtypes = [_ptr, _ptr] + [_i64] * 4 + [_f64, _ptr]
     return lib
 
 
@@ -74,3 +83,46 @@ def insert_slices(data: torch.Tensor, weight: torch.Tensor, values: torch.Tensor
         nviews, _pointer(freqs, torch.float32), nsamples, size, _VIEWS_PER_GROUP, _PLANES_PER_TILE)
     if status != 0:
         raise MemoryError("the compiled insertion could not allocate its work space")
+
+
+def projection_tables(pos: torch.Tensor, width: torch.Tensor, ascale: torch.Tensor, start: int, stop: int,
+                      k1: int, f1: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tables of the separable projection for Gaussians ``start:stop`` (CPU, float32, compiled).
+
+    Args:
+        pos: ``(Bp, N, 2)`` image positions (A); width: ``(Bw, N)`` (A); ascale: ``(Ba, N)``;
+            a batch of 1 broadcasts.
+        k1: frequencies ``n = 0..k1-1`` of ``f_n = n * f1`` (1/A).
+
+    Returns:
+        ``(x0, y0, ys)``: ``(Bt, n, 2 k1)`` interleaved ``g_n cos, g_n sin`` of ``2 pi f_n p_x`` and of
+        ``p_y`` (``Bt = max(Bp, Bw)``, ``n = stop - start``), and ``y0 * ascale`` with batch
+        ``max(Bt, Ba)``. See ``gmm_projection_tables`` in ``_native.c``.
+    """
+    lib = _library()
+    bp, n = pos.shape[0], pos.shape[1]
+    bw, ba = width.shape[0], ascale.shape[0]
+    tb = max(bp, bw)
+    nc = stop - start
+    x0 = torch.empty(tb, nc, 2 * k1)
+    y0 = torch.empty(tb, nc, 2 * k1)
+    ys = torch.empty(max(tb, ba), nc, 2 * k1)
+    args = (_pointer(pos, torch.float32), _pointer(width, torch.float32), _pointer(ascale, torch.float32))
+    outs = (x0.data_ptr(), y0.data_ptr(), ys.data_ptr())
+    lib.gmm_projection_tables(*args, bp, bw, ba, n, start, nc, k1, f1, *outs)
+    return x0, y0, ys
+
+
+def projection_table_sums(h: torch.Tensor, table: torch.Tensor, f1: float) -> torch.Tensor:
+    """``(B, n, 3)`` sums over frequency of ``z = h * table`` (complex, interleaved):
+    ``sum Re z``, ``sum f^2 Re z`` and ``sum 2 pi f Im z`` with ``f_n = n * f1``.
+
+    Args:
+        h: ``(B, n, 2 k1)`` float32; table: ``(1 or B, n, 2 k1)`` float32.
+    """
+    lib = _library()
+    nb, nc, row = h.shape
+    out = torch.empty(nb, nc, 3)
+    hp, tp = _pointer(h, torch.float32), _pointer(table, torch.float32)
+    lib.gmm_projection_table_sums(hp, tp, nb, table.shape[0], nc, row // 2, f1, out.data_ptr())
+    return out
