@@ -241,6 +241,23 @@ def test_compiled_insertion_equals_tensor_insertion(truth_and_particles, sym, wi
         FourierAccumulator(BOX, device="meta").insert(spectra[:1], mats[:1], method="compiled")
 
 
+def test_compiled_pipe_menon_steps_equal_tensor_steps(truth_and_particles, monkeypatch):
+    """The Pipe-Menon iteration's elementwise steps in C (CPU) and in torch (CUDA): the same float32
+    operations, so bit-identical weights."""
+    from gmmrefine import native
+    from gmmrefine.reconstruct.invert import nyquist_ball, pipe_menon_inverse_weights
+
+    _, images, mats, shift_A = truth_and_particles
+    acc = FourierAccumulator(BOX)
+    acc.insert(prepare_spectra(images[:60], shift_A[:60], APIX, None)[0], mats[:60])
+    ball = nyquist_ball(acc.padded_box)
+    compiled = pipe_menon_inverse_weights(acc.weight, ball, BOX, 4)
+    monkeypatch.setattr(native, "available", lambda: False)
+    tensor = pipe_menon_inverse_weights(acc.weight, ball, BOX, 4)
+    assert torch.equal(compiled, tensor)
+    assert float(compiled[ball].min()) > 0 and float(compiled[~ball].abs().max()) == 0.0
+
+
 def test_insert_rejects_bad_shapes():
     acc = FourierAccumulator(BOX)
     with pytest.raises(ValueError):

@@ -253,6 +253,48 @@ void gmm_projection_table_sums(const float *h, const float *tab, int64_t nb, int
     }
 }
 
+/*
+ * Elementwise steps of the Pipe-Menon iteration (gmmrefine/reconstruct/invert.py), one pass each
+ * over the padded grid instead of 2-3 strided tensor passes and an index tensor per slab.
+ */
+
+/* spectrum (count complex, interleaved) = a * b + 0i */
+void gmm_pm_fill(float *spectrum, const float *a, const float *b, int64_t count) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; i++) {
+        spectrum[2 * i] = a[i] * b[i];
+        spectrum[2 * i + 1] = 0.0f;
+    }
+}
+
+/* real[z][y][x] *= table[kz^2 + ky^2 + kx^2] on an n^3 grid with rows of stride n + 2 floats (the
+ * real view of an in-place transform), k the signed frequency of each index (i or i - n). */
+void gmm_pm_multiply_radial(float *real, const float *table, int64_t n) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t z = 0; z < n; z++) {
+        for (int64_t y = 0; y < n; y++) {
+            const int64_t kz = z < n - z ? z : n - z, ky = y < n - y ? y : n - y;
+            const int64_t r2 = kz * kz + ky * ky;
+            float *rowp = real + (z * n + y) * (n + 2);
+            for (int64_t x = 0; x < n; x++) {
+                const int64_t kx = x < n - x ? x : n - x;
+                rowp[x] *= table[r2 + kx * kx];
+            }
+        }
+    }
+}
+
+/* inverse[i] = min(inverse[i] / max(|Re spectrum[i]|, floor), cap) */
+void gmm_pm_divide(float *inverse, const float *spectrum, int64_t count, float floor_value, float cap) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; i++) {
+        float d = fabsf(spectrum[2 * i]);
+        d = d > floor_value ? d : floor_value;
+        float v = inverse[i] / d;
+        inverse[i] = v < cap ? v : cap;
+    }
+}
+
 /* An importable module too, so that packaging and import machinery can find the library. */
 static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native", "gmmrefine's compiled CPU kernels (called through ctypes).", -1, NULL};
 

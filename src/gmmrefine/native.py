@@ -1,7 +1,8 @@
 """ctypes bindings of the compiled CPU kernels (``src/gmmrefine/_native.c``, built at install time).
 
-Two hot loops have a C twin of their torch code on the CPU: the Fourier insertion of the
-reconstruction, and the table passes of the separable GMM projection. The torch code stays the one
+Three hot loops have a C twin of their torch code on the CPU: the Fourier insertion and the
+elementwise steps of the Pipe-Menon weights of the reconstruction, and the table passes of the
+separable GMM projection. The torch code stays the one
 that runs on CUDA (and in float64); tests hold the two to each other.
 
 Why C and not numba: importing numba and loading one compiled function costs ~120 MB of resident
@@ -43,6 +44,12 @@ def _library() -> ctypes.CDLL | None:
     lib.gmm_projection_tables.argtypes = [_ptr, _ptr, _ptr] + [_i64] * 7 + [_f64, _ptr, _ptr, _ptr]
     lib.gmm_projection_table_sums.restype = None
     lib.gmm_projection_table_sums.argtypes = [_ptr, _ptr] + [_i64] * 4 + [_f64, _ptr]
+    lib.gmm_pm_fill.restype = None
+    lib.gmm_pm_fill.argtypes = [_ptr, _ptr, _ptr, _i64]
+    lib.gmm_pm_multiply_radial.restype = None
+    lib.gmm_pm_multiply_radial.argtypes = [_ptr, _ptr, _i64]
+    lib.gmm_pm_divide.restype = None
+    lib.gmm_pm_divide.argtypes = [_ptr, _ptr, _i64, ctypes.c_float, ctypes.c_float]
     return lib
 
 
@@ -126,3 +133,28 @@ def projection_table_sums(h: torch.Tensor, table: torch.Tensor, f1: float) -> to
     hp, tp = _pointer(h, torch.float32), _pointer(table, torch.float32)
     lib.gmm_projection_table_sums(hp, tp, nb, table.shape[0], nc, row // 2, f1, out.data_ptr())
     return out
+
+
+def pm_fill(spectrum: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``spectrum = a * b + 0i`` for ``(Dp, Dp, Dp//2+1)`` complex64 ``spectrum`` and float32 ``a``, ``b``."""
+    if a.shape != spectrum.shape or b.shape != spectrum.shape:
+        raise ValueError("pm_fill: shapes differ")
+    _library().gmm_pm_fill(_pointer(spectrum, torch.complex64), _pointer(a, torch.float32),
+                           _pointer(b, torch.float32), spectrum.numel())
+
+
+def pm_multiply_radial(spectrum: torch.Tensor, table: torch.Tensor) -> None:
+    """Multiply the ``(Dp, Dp, Dp)`` real view of an in-place transform's storage (``spectrum``,
+    ``(Dp, Dp, Dp//2+1)`` complex64) by ``table[kz^2 + ky^2 + kx^2]`` (signed frequency indices)."""
+    n = spectrum.shape[0]
+    if table.numel() < 3 * (n // 2) ** 2 + 1:
+        raise ValueError("pm_multiply_radial: the table is shorter than the largest squared radius")
+    _library().gmm_pm_multiply_radial(_pointer(spectrum, torch.complex64), _pointer(table, torch.float32), n)
+
+
+def pm_divide(inverse: torch.Tensor, spectrum: torch.Tensor, floor: float, cap: float) -> None:
+    """``inverse = min(inverse / max(|Re spectrum|, floor), cap)`` in place (float32 and complex64)."""
+    if inverse.shape != spectrum.shape:
+        raise ValueError("pm_divide: shapes differ")
+    _library().gmm_pm_divide(_pointer(inverse, torch.float32), _pointer(spectrum, torch.complex64),
+                             inverse.numel(), floor, cap)

@@ -254,13 +254,26 @@ def pipe_menon_inverse_weights(
     inverse = ball.to(torch.float32)
     spectrum = torch.empty(weight.shape, dtype=torch.complex64, device=weight.device)
     parts = torch.view_as_real(spectrum)
+    from gmmrefine import native
+
+    # The C loops do the same float32 operations as the tensor code (bit-identical maps) in one pass
+    # each; the tensor code is what CUDA runs.
+    compiled = native.available() and weight.device.type == "cpu" and weight.dtype == torch.float32
+    if compiled:
+        weight = weight.contiguous()
     for _ in range(iterations):
-        parts[..., 0].copy_(inverse).mul_(weight)
-        parts[..., 1].zero_()
+        if compiled:
+            native.pm_fill(spectrum, inverse, weight)
+        else:
+            parts[..., 0].copy_(inverse).mul_(weight)
+            parts[..., 1].zero_()
         real = _irfftn_inplace(spectrum)
-        for z0 in range(0, size, _FFT_SLAB):
-            slab_r2 = r2_z[z0:z0 + _FFT_SLAB, None, None] + r2_yx[None]
-            real[z0:z0 + _FFT_SLAB] *= blob[slab_r2]
+        if compiled:
+            native.pm_multiply_radial(spectrum, blob)
+        else:
+            for z0 in range(0, size, _FFT_SLAB):
+                slab_r2 = r2_z[z0:z0 + _FFT_SLAB, None, None] + r2_yx[None]
+                real[z0:z0 + _FFT_SLAB] *= blob[slab_r2]
         # In place, slab by slab: MKL's out-of-place rfftn of the strided real view is 1.7x faster for
         # this transform but needs a second grid and a copy of its input (the inversion's peak memory
         # 275 -> 150 MB above the accumulator at Dp = 256, for ~5 % of its time; measured).
@@ -268,11 +281,14 @@ def pipe_menon_inverse_weights(
         # (inverse * weight) is real and point-symmetric in Fourier space, so its blob-smoothed copy is
         # real too: |Re| equals RELION's complex modulus up to rounding, at a quarter of the cost.
         # inverse is 0 outside the ball, so dividing everywhere leaves those voxels at 0.
-        for z0 in range(0, size, _FFT_SLAB):
-            inverse[z0:z0 + _FFT_SLAB] /= smoothed[z0:z0 + _FFT_SLAB].real.abs().clamp_min_(min_weight)
         # Empty voxels grow without bound; cap them (as RELION's single-precision build) so that
         # inf * 0 never makes a NaN.
-        inverse.clamp_(max=1e20)
+        if compiled:
+            native.pm_divide(inverse, smoothed, min_weight, 1e20)
+        else:
+            for z0 in range(0, size, _FFT_SLAB):
+                inverse[z0:z0 + _FFT_SLAB] /= smoothed[z0:z0 + _FFT_SLAB].real.abs().clamp_min_(min_weight)
+            inverse.clamp_(max=1e20)
     return inverse
 
 
