@@ -1,5 +1,5 @@
 /*
- * Compiled CPU kernels of gmmrefine, called through ctypes (gmmrefine/reconstruct/_kernels.py).
+ * Compiled CPU kernels of gmmrefine, called through ctypes (gmmrefine/native.py).
  *
  * Fourier insertion (gmm_insert_slices): on a CPU the vectorised torch insertion writes an index and
  * a weight for each of the 8 corners of every sample to memory and then scatters them; at box 128

@@ -2,13 +2,18 @@
 
 Three hot loops have a C twin of their torch code on the CPU: the Fourier insertion and the
 elementwise steps of the Pipe-Menon weights of the reconstruction, and the table passes of the
-separable GMM projection. The torch code stays the one
-that runs on CUDA (and in float64); tests hold the two to each other.
+separable GMM projection. The torch code stays the one that runs on CUDA (and in float64); tests
+hold the two to each other.
 
 Why C and not numba: importing numba and loading one compiled function costs ~120 MB of resident
 memory (LLVM), more than the headroom of a reconstruction under relion_reconstruct's peak; the C
-library costs nothing measurable. The kernels take raw pointers and run with the GIL released, so
-Python threads run them on several cores at once (:func:`_split`).
+library costs nothing measurable. The kernels take raw pointers and run with the GIL released.
+Threads: the insertion runs on its caller's thread (the two halves fill their grids from two
+threads); the other kernels use OpenMP, and since torch has loaded its own ``libgomp.so.1`` before
+this library is opened, the library binds to that copy: one thread pool and one thread count
+(``torch.set_num_threads``) for torch and for these loops. A second OpenMP runtime, or Python
+threads, would compete with torch's spinning OpenMP workers (measured: the projection kernels ran
+2-3x slower from a Python thread pool than from OpenMP).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def _library() -> ctypes.CDLL | None:
     spec = importlib.util.find_spec("gmmrefine._native")
     if spec is None or spec.origin is None:
         warnings.warn("gmmrefine's compiled kernels are not built (reinstall with `pip install .` and a C "
-                      "compiler); using the slower torch insertion on the CPU.", RuntimeWarning, stacklevel=3)
+                      "compiler); the slower torch code runs on the CPU instead.", RuntimeWarning, stacklevel=3)
         return None
     lib = ctypes.CDLL(spec.origin)
     lib.gmm_insert_slices.restype = ctypes.c_int
