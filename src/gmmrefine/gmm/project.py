@@ -37,10 +37,12 @@ in one run, 2026-11-24): 5.2-9.4x the autograd separable baseline over N = 2,000
 boxes 96 / 192 / 256 and cuts 8 / 4 / 3 A (7.2-9.4x for N >= 8,000), at 0.18-0.51 of the roofline
 (3 bmm at the matmul rate measured in the same rounds): 0.28-0.51 once K >= 48, while at K = 18-36 the
 elementwise passes over the ``(B, N, K+1)`` tables dominate. On the quiet machine with 2 threads
-(2026-12-02; the 1024^3 matmul then runs at 311 GFLOP/s, and so do our bmm): 4.7-9.3x the baseline
-(below 5x only at N = 2,000 with K <= 36) and 0.07-0.25 of that roofline, the tables' passes being
-memory-bound (smaller Gaussian chunks, to keep them in cache, were slower). Memory: the tables autograd keeps are
-``16 N (K+1)`` bytes per particle; a step's peak RSS growth was 23 / 55 / 131 / 450 MB at batch
+(2026-12-02, with the compiled tables; the 1024^3 matmul ran at 298-353 GFLOP/s): 5.4-12.1x the
+baseline over all 27 grid points, and 0.08-0.33 of that roofline (0.08-0.11 at K = 18-24, 0.15-0.23
+at K = 32-48, 0.24-0.33 at K >= 64). At small K the three bmm are small matrices that MKL runs far
+below its peak (~75 GFLOP/s at K = 24), and the tables' sin/cos per Gaussian and particle cost as
+much as the products. Memory: the tables autograd keeps are ``16 N (K+1)`` bytes per particle; a
+step's peak RSS growth was 13 / 48 / 116 / 450 MB at batch
 1 / 4 / 16 / 64 (N = 8,000, box 192, 4 A), i.e. linear in the batch. The phase tables ``e^{i n t}`` come from a doubling recurrence
 (one sin/cos per Gaussian, then entries ``n..2n-1`` = entries ``0..n-1`` times ``e^{i n t}``): measured
 1.36x / 1.16x / 1.21x faster steps than one sin and one cos per entry at K = 18 / 48 / 85 (N = 8,000),
