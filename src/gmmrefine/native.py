@@ -26,8 +26,10 @@ from functools import lru_cache
 import torch
 
 # Views binned together, and z planes per bin, of the compiled insertion (see _native.c). 64 views of
-# box 128 take 10 MB of work space; more views per group (128: 20 MB) are ~20 % faster still.
+# box 128 take 10 MB of work space (6 floats and a bin per sample); more views per group (128: 20 MB)
+# are ~20 % faster still. Larger boxes get fewer views per group, so the work space stays <= ~18 MB.
 _VIEWS_PER_GROUP = 64
+_WORK_FLOATS_PER_GROUP = 4_000_000
 _PLANES_PER_TILE = 4
 
 _ptr = ctypes.c_void_p
@@ -92,7 +94,8 @@ def insert_slices(data: torch.Tensor, weight: torch.Tensor, values: torch.Tensor
     status = lib.gmm_insert_slices(
         _pointer(data, torch.complex64), _pointer(weight, torch.float32), _pointer(values, torch.complex64),
         _pointer(wts, torch.float32), _pointer(mats, torch.float32), _pointer(view_particle, torch.int64),
-        nviews, _pointer(freqs, torch.float32), nsamples, size, _VIEWS_PER_GROUP, _PLANES_PER_TILE)
+        nviews, _pointer(freqs, torch.float32), nsamples, size,
+        max(1, min(_VIEWS_PER_GROUP, _WORK_FLOATS_PER_GROUP // (6 * max(nsamples, 1)))), _PLANES_PER_TILE)
     if status != 0:
         raise MemoryError("the compiled insertion could not allocate its work space")
 
