@@ -15,6 +15,7 @@
  * bit for bit; the order is fixed, so a run repeats exactly.
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE /* sincos */
 #include <Python.h>
 
 #include <math.h>
@@ -143,10 +144,7 @@ int gmm_insert_slices(float *data, float *weight, const float *values, const flo
 static void phasors(double t, int64_t k1, double *re, double *im) {
     re[0] = 1.0;
     im[0] = 0.0;
-    if (k1 > 1) {
-        re[1] = cos(t);
-        im[1] = sin(t);
-    }
+    if (k1 > 1) sincos(t, &im[1], &re[1]);
     for (int64_t len = 2; len < k1; len *= 2) {
         const double hr = re[len / 2], hi = im[len / 2];
         const double sr = hr * hr - hi * hi, si = 2.0 * hr * hi; /* e^{i L t} = (e^{i L/2 t})^2 */
@@ -166,7 +164,7 @@ static void phasors(double t, int64_t k1, double *re, double *im) {
  *   x0[b, j, 2n] = g_n cos(n t_x), x0[b, j, 2n + 1] = g_n sin(n t_x)   (y0 likewise with p_y)
  *   ys[b, j, :]  = y0[b, j, :] * ascale[b, j]
  * computed in double precision and stored as float32. The envelope of a Gaussian is computed once
- * for every particle that shares its width.
+ * for every particle that shares its width. ys may be a reused buffer (it is not saved for backward).
  *
  * pos: (bp, N, 2) x, y in A; width: (bw, N) A; ascale: (ba, N); the tables have batch tb = max(bp,
  * bw) and ys has max(tb, ba) (a batch of 1 broadcasts). Gaussians c0 <= j < c0 + nc are written at
@@ -189,9 +187,15 @@ void gmm_projection_tables(const float *pos, const float *width, const float *as
             for (int64_t b = 0; b < yb; b++) {
                 const int64_t bt = tb > 1 ? b : 0;
                 if (b == 0 || bw > 1) {
+                    /* g_k = q^{k^2}: g_{k+1} = g_k r_k with r_k = q^{2k+1}, r_{k+1} = r_k q^2 (one exp) */
                     const double s = width[(bw > 1 ? bt : 0) * n + j];
-#pragma omp simd
-                    for (int64_t k = 0; k < k1; k++) g[k] = exp(c * s * s * (double)(k * k));
+                    const double q = exp(c * s * s), q2 = q * q;
+                    double gk = 1.0, rk = q;
+                    for (int64_t k = 0; k < k1; k++) {
+                        g[k] = gk;
+                        gk *= rk;
+                        rk *= q2;
+                    }
                 }
                 if (b == 0 || tb > 1) {
                     const float *p = pos + 2 * ((bp > 1 ? bt : 0) * n + j);

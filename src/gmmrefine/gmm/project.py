@@ -26,8 +26,8 @@ for the sums over frequency; autograd would keep complex intermediates and launc
 full-size kernels. Gaussians are processed in chunks (CPU) so temporaries are reused heap memory.
 On the CPU in float32, the tables and the backward's sums over frequency come from C kernels
 (:mod:`gmmrefine.native`, OpenMP in torch's own thread pool): one pass over each table instead of ~4
-tensor passes, the envelope computed once per Gaussian for all particles, and chunks of ``8 (K+1)``
-Gaussians whose tables stay in cache. Measured against the tensor tables in one run (2 threads,
+tensor passes, the envelope computed once per Gaussian for all particles, and chunks of
+``max(1024, 16 (K+1))`` Gaussians whose tables stay in cache. Measured against the tensor tables in one run (2 threads,
 batch 16): 1.0x at K = 24, 1.1x at K = 64, 1.2x at N = 8,000, box 192, 4 A and at N = 16,000,
 box 256, 3 A; the torch code remains what CUDA and float64 (gradcheck) run.
 
@@ -37,12 +37,14 @@ in one run, 2026-11-24): 5.2-9.4x the autograd separable baseline over N = 2,000
 boxes 96 / 192 / 256 and cuts 8 / 4 / 3 A (7.2-9.4x for N >= 8,000), at 0.18-0.51 of the roofline
 (3 bmm at the matmul rate measured in the same rounds): 0.28-0.51 once K >= 48, while at K = 18-36 the
 elementwise passes over the ``(B, N, K+1)`` tables dominate. On the quiet machine with 2 threads
-(2026-12-02, with the compiled tables; the 1024^3 matmul ran at 298-353 GFLOP/s): 5.4-12.1x the
-baseline over all 27 grid points, and 0.08-0.33 of that roofline (0.08-0.11 at K = 18-24, 0.15-0.23
-at K = 32-48, 0.24-0.33 at K >= 64). At small K the three bmm are small matrices that MKL runs far
-below its peak (~75 GFLOP/s at K = 24), and the tables' sin/cos per Gaussian and particle cost as
+(2026-12-02, with the compiled tables; the 1024^3 matmul ran at 284-353 GFLOP/s): 5.6-10.1x the
+baseline over all 27 grid points, and 0.08-0.37 of that roofline (0.08-0.14 at K = 18-24, 0.15-0.24
+at K = 32-48, 0.27-0.37 at K >= 64). At small K the whole step is a few ms: the FRC loss and the
+rotations' autograd alone take 1.3 ms of the 2.5 ms that 3x the roofline allows at N = 2,000, K = 18,
+and the three bmm, on small matrices, run at about half MKL's peak even with their operands in cache;
+the tables' sin/cos per Gaussian and particle cost as
 much as the products. Memory: the tables autograd keeps are ``16 N (K+1)`` bytes per particle; a
-step's peak RSS growth was 13 / 48 / 116 / 450 MB at batch
+step's peak RSS growth was 14 / 37 / 161 / 530 MB at batch
 1 / 4 / 16 / 64 (N = 8,000, box 192, 4 A), i.e. linear in the batch. The phase tables ``e^{i n t}`` come from a doubling recurrence
 (one sin/cos per Gaussian, then entries ``n..2n-1`` = entries ``0..n-1`` times ``e^{i n t}``): measured
 1.36x / 1.16x / 1.21x faster steps than one sin and one cos per entry at K = 18 / 48 / 85 (N = 8,000),
@@ -229,10 +231,12 @@ def project_positions(positions_A: torch.Tensor, amplitudes: torch.Tensor, width
     compiled = _compiled_tables(positions_A, amplitudes, widths_A)
     # Gaussians in chunks (CPU), so that a chunk's tables are still in cache when the bmm and the
     # backward read them, and temporaries are reused heap memory instead of fresh page-faulted pages.
-    # Measured (2 threads, batch 16, particles/s, compiled tables): chunks of 8 K1 Gaussians against
-    # chunks of 3.2M table floats: ~1.35x at K = 24 and ~1.15x at K = 48, the same at K = 85. The
-    # tensor tables pay a fixed cost per chunk and keep the larger chunks (1.5x faster than one
-    # piece at N = 16,000, box 192, 4 A, 1 thread).
+    # Measured (2 threads, batch 16, particles/s, compiled tables, chunks of 8 / 16 / 32 / 64 K1
+    # Gaussians and one piece): at N = 8,000, K = 18 479 / 514 / 464 / 474 / 387, at K = 48 152 /
+    # 149 / 155 / 130 / 120; at N = 2,000, K = 18 1,666 / 1,759 / 1,752 / 1,903 / 1,931, where the
+    # fixed cost per chunk wins. Hence 16 K1 Gaussians, and at least 1,024. The tensor tables pay a
+    # larger fixed cost per chunk and keep the larger chunks (1.5x faster than one piece at N =
+    # 16,000, box 192, 4 A, 1 thread).
     if positions_A.device.type != "cpu":
         chunk = n_gauss
     elif compiled:
@@ -248,8 +252,8 @@ def project_positions(positions_A: torch.Tensor, amplitudes: torch.Tensor, width
 _CHUNK_FLOATS = 3_200_000
 _MIN_CHUNK = 256
 # Gaussians per chunk for the compiled tables: this many per frequency index (and at least the minimum).
-_GAUSSIANS_PER_FREQUENCY = 8
-_MIN_CHUNK_COMPILED = 32
+_GAUSSIANS_PER_FREQUENCY = 16
+_MIN_CHUNK_COMPILED = 1024
 
 
 _TABLE_CACHE: dict = {}
@@ -309,18 +313,20 @@ class _SeparableProjection(torch.autograd.Function):
         f1 = float(freqs[1]) if compiled else 0.0   # compiled tables are CPU tensors: no device sync
         blocks = None
         chunks = []
+        ys_buffer = None
         for start in range(0, n_gauss, chunk):
             stop = min(start + chunk, n_gauss)
             if compiled:
                 from gmmrefine import native
 
-                x0, y0, y_scaled = native.projection_tables(pos, width_b, ascale, start, stop, k1, f1)
+                x0, y0, y_scaled = native.projection_tables(pos, width_b, ascale, start, stop, k1, f1, ys_buffer)
+                ys_buffer = y_scaled
             else:
                 x0, y0, y_scaled = _tables(pos[:, start:stop], width_b[:, start:stop], ascale[:, start:stop], freqs, k1)
             batch = y_scaled.shape[0]
             part = torch.bmm(y_scaled.transpose(1, 2), x0.expand(batch, -1, -1))
-            del y_scaled
             blocks = part if blocks is None else blocks.add_(part)
+            del y_scaled
             chunks.append((x0, y0))
         blocks = blocks.flatten(1)                                                      # (B, 4 K1^2)
         cc, cs, sc, ss = (blocks[:, g] for g in gather)
