@@ -241,6 +241,24 @@ def test_compiled_insertion_equals_tensor_insertion(truth_and_particles, sym, wi
         FourierAccumulator(BOX, device="meta").insert(spectra[:1], mats[:1], method="compiled")
 
 
+def test_compiled_insertion_wraps_any_position_as_the_tensor_insertion(truth_and_particles):
+    """Matrices that scale samples past the grid (not rotations) wrap exactly as torch.remainder does,
+    and a non-finite matrix is refused, never written out of bounds."""
+    _, images, mats, shift_A = truth_and_particles
+    spectra, _ = prepare_spectra(images[:20], shift_A[:20], APIX, None)
+    stretched = mats[:20] * torch.linspace(1.0, 3.5, 20)[:, None, None]  # |A.T k| up to 1.75 Nyquist
+    tensor, compiled = FourierAccumulator(BOX), FourierAccumulator(BOX)
+    tensor.insert(spectra, stretched, method="tensor")
+    compiled.insert(spectra, stretched, method="compiled")
+    assert (compiled.data - tensor.data).abs().max() / tensor.data.abs().max() < 1e-6
+    assert (compiled.weight - tensor.weight).abs().max() / tensor.weight.max() < 1e-6
+    bad = mats[:2].clone()
+    bad[1, 0, 0] = float("nan")
+    for method in ("compiled", "tensor"):
+        with pytest.raises(ValueError, match="finite"):
+            FourierAccumulator(BOX).insert(spectra[:2], bad, method=method)
+
+
 def test_compiled_pipe_menon_steps_equal_tensor_steps(truth_and_particles, monkeypatch):
     """The Pipe-Menon iteration's elementwise steps in C (CPU) and in torch (CUDA): the same float32
     operations, so bit-identical weights."""

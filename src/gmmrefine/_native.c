@@ -22,18 +22,27 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* i mod n in 0..n-1 (Python's remainder); one comparison for the usual |i| <= n. */
+static inline int64_t wrap_index(int64_t i, int64_t n) {
+    if ((uint64_t)i < (uint64_t)n) return i; /* 0 <= i < n */
+    const int64_t j = i + n;
+    if ((uint64_t)j < (uint64_t)n) return j; /* -n <= i < 0 */
+    const int64_t r = i % n;
+    return r < 0 ? r + n : r;
+}
+
 /* Spread one sample with trilinear weights (z-y-x corner order, as the torch path). */
 static inline void add_sample(float *data, float *weight, float px, float py, float pz, float re,
                               float im, float w, int64_t size, int64_t half, int64_t plane) {
     float bx = floorf(px), by = floorf(py), bz = floorf(pz);
     float fx = px - bx, fy = py - by, fz = pz - bz;
     int64_t x0 = (int64_t)bx, y0 = (int64_t)by, z0 = (int64_t)bz;
-    /* x0 + 1 exceeds the last plane only when fx == 0, where its weight is 0 anyway. */
+    /* x0 + 1 exceeds the last plane only when fx == 0, where its weight is 0 anyway (x0 >= 0: the
+     * sample was folded to px >= 0). */
     int64_t xs[2] = {x0 < half - 1 ? x0 : half - 1, x0 + 1 < half - 1 ? x0 + 1 : half - 1};
-    /* Rows and planes wrap (index -k is Dp - k); |y0|, |z0| <= Dp / 2, so a conditional add does it. */
-    int64_t y1 = y0 + 1, z1 = z0 + 1;
-    int64_t ys[2] = {(y0 < 0 ? y0 + size : y0) * half, (y1 < 0 ? y1 + size : y1) * half};
-    int64_t zs[2] = {(z0 < 0 ? z0 + size : z0) * plane, (z1 < 0 ? z1 + size : z1) * plane};
+    /* Rows and planes wrap (index -k is Dp - k), as torch.remainder does in the torch path. */
+    int64_t ys[2] = {wrap_index(y0, size) * half, wrap_index(y0 + 1, size) * half};
+    int64_t zs[2] = {wrap_index(z0, size) * plane, wrap_index(z0 + 1, size) * plane};
     float wx[2] = {1.0f - fx, fx}, wy[2] = {1.0f - fy, fy}, wz[2] = {1.0f - fz, fz};
     for (int dz = 0; dz < 2; dz++) {
         for (int dy = 0; dy < 2; dy++) {
@@ -83,7 +92,7 @@ int gmm_insert_slices(float *data, float *weight, const float *values, const flo
                       int64_t tile) {
     const int64_t half = size / 2 + 1, plane = size * half;
     const float fsize = (float)size;
-    const int64_t nbins = size / tile + 2;
+    const int64_t nbins = size / tile + 1;
     if (group < 1) group = 1;
     if (group > nviews) group = nviews;
     float *rec = malloc(sizeof(float) * 6 * (size_t)(group * nsamples));
@@ -98,13 +107,13 @@ int gmm_insert_slices(float *data, float *weight, const float *values, const flo
     for (int64_t v0 = 0; v0 < nviews; v0 += group) {
         int64_t nv = nviews - v0 < group ? nviews - v0 : group;
         for (int64_t b = 0; b <= nbins; b++) start[b] = 0;
-        /* pass 1: bin of every sample by its lower z plane */
+        /* pass 1: bin of every sample by its lower z plane (as stored: wrapped) */
         for (int64_t j = 0; j < nv; j++) {
             const float *a = mats + 9 * (v0 + j);
             for (int64_t m = 0; m < nsamples; m++) {
                 float px, py, pz;
                 fold_position(a, freqs[2 * m], freqs[2 * m + 1], fsize, &px, &py, &pz);
-                int32_t b = (int32_t)(((int64_t)floorf(pz) + size / 2) / tile);
+                int32_t b = (int32_t)(wrap_index((int64_t)floorf(pz), size) / tile);
                 bin[j * nsamples + m] = b;
                 start[b + 1]++;
             }

@@ -168,6 +168,10 @@ class FourierAccumulator:
             raise ValueError(f"matrices must be ({spectra.shape[0]}, 3, 3), got {tuple(matrices.shape)}")
         if weights is not None and weights.shape != spectra.shape:
             raise ValueError(f"weights must have the shape of spectra, got {tuple(weights.shape)}")
+        if not bool(torch.isfinite(matrices).all()):
+            raise ValueError("matrices must be finite (a NaN or infinite pose has no place on the grid)")
+        if method == "compiled" and float(matrices.abs().max()) > 1e3:
+            method = "tensor"  # not rotations: positions beyond what the kernel's integer maths assumes
         flat, freqs, mult = self._slice_samples()
         nb = spectra.shape[0]
         values = spectra.reshape(nb, -1)[:, flat].to(device=self.device, dtype=torch.complex64)
