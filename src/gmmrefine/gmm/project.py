@@ -28,8 +28,9 @@ On the CPU in float32, the tables and the backward's sums over frequency come fr
 (:mod:`gmmrefine.native`, OpenMP in torch's own thread pool): one pass over each table instead of ~4
 tensor passes, the envelope computed once per Gaussian for all particles, and chunks of
 ``max(1024, 16 (K+1))`` Gaussians whose tables stay in cache. Measured against the tensor tables in one run (2 threads,
-batch 16): 1.0x at K = 24, 1.1x at K = 64, 1.2x at N = 8,000, box 192, 4 A and at N = 16,000,
-box 256, 3 A; the torch code remains what CUDA and float64 (gradcheck) run.
+batch 16, interleaved rounds): 0.96x at N = 2,000, K = 18 (box 96, 8 A), 1.09x at N = 8,000, K = 18,
+1.14x at N = 2,000, K = 64, 1.34x at N = 8,000, K = 48 (box 192, 4 A), 1.22x / 1.29x at N = 8,000 /
+16,000, K = 85 (box 256, 3 A). The torch code remains what CUDA and float64 (gradcheck) run.
 
 Measured on the shared 2-core machine (1 thread: with other jobs on the cores, load ~8, 2-thread
 timings were dominated by OpenMP threads waiting for each other; ratios are from interleaved rounds
