@@ -13,6 +13,10 @@ Layout of the grids: ``(Dp, Dp, Dp//2+1)`` indexed ``[kz, ky, kx]`` like
 are stored as their Hermitian mates (``-k``, complex conjugate). The ``kx = 0`` plane holds a sample and
 its mate in different voxels; :func:`hermitian_symmetrised` merges them when the map is made (that is
 linear, so the accumulators themselves stay plain sums).
+
+On the CPU the insertion runs in a C kernel (:func:`gmmrefine.native.insert_slices`: 3.4x faster
+per image at box 128, 0.47 vs 1.61 ms in calls of 64 images, than the vectorised torch code below,
+which is what CUDA runs).
 """
 
 from __future__ import annotations
