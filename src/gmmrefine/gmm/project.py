@@ -229,6 +229,9 @@ def project_positions(positions_A: torch.Tensor, amplitudes: torch.Tensor, width
     n_gauss = positions_A.shape[1]
     batch = max(positions_A.shape[0], amplitudes.shape[0] if amplitudes.ndim == 2 else 1,
                 widths_A.shape[0] if widths_A.ndim == 2 else 1)
+    if positions_A.device.type == "cpu":
+        # (A c)[:2] without a translation is a strided view; the compiled tables read plain rows.
+        positions_A, amplitudes, widths_A = positions_A.contiguous(), amplitudes.contiguous(), widths_A.contiguous()
     compiled = _compiled_tables(positions_A, amplitudes, widths_A)
     # Gaussians in chunks (CPU), so that a chunk's tables are still in cache when the bmm and the
     # backward read them, and temporaries are reused heap memory instead of fresh page-faulted pages.
