@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gmmrefine import native
 from gmmrefine.errors import InputError
 from gmmrefine.geometry.rotations import project_points
 
@@ -321,8 +322,6 @@ class _SeparableProjection(torch.autograd.Function):
         for start in range(0, n_gauss, chunk):
             stop = min(start + chunk, n_gauss)
             if compiled:
-                from gmmrefine import native
-
                 x0, y0, y_scaled = native.projection_tables(pos, width_b, ascale, start, stop, k1, f1, ys_buffer)
                 ys_buffer = y_scaled
             else:
@@ -336,7 +335,7 @@ class _SeparableProjection(torch.autograd.Function):
         cc, cs, sc, ss = (blocks[:, g] for g in gather)
         re = cc - sign * ss
         im = -(sign * sc + cs)
-        ctx.save_for_backward(ascale, amp_b, width_b, gather, sign, weights, freqs,
+        ctx.save_for_backward(ascale, amp_b, width_b, gather, sign, weights,
                               *[t for pair in chunks for t in pair])
         ctx.k1 = k1
         ctx.kappa = kappa
@@ -347,7 +346,7 @@ class _SeparableProjection(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_re, g_im):
-        ascale, amp_b, width_b, gather, sign, weights, freqs, *flat = ctx.saved_tensors
+        ascale, amp_b, width_b, gather, sign, weights, *flat = ctx.saved_tensors
         chunks = list(zip(flat[0::2], flat[1::2]))
         pos_shape, amp_shape, width_shape = ctx.shapes
         k1 = ctx.k1
@@ -372,8 +371,6 @@ class _SeparableProjection(torch.autograd.Function):
             h_conj = torch.bmm(y0.expand(batch, -1, -1), g_rows)    # conj(d/dX0) / a   (B, n, 2K1)
             g_conj = torch.bmm(x0.expand(batch, -1, -1), g_cols)    # conj(d/dY0) / a
             if ctx.compiled:
-                from gmmrefine import native
-
                 sums_x.append(native.projection_table_sums(h_conj, x0, ctx.f1))
                 sums_y.append(native.projection_table_sums(g_conj, y0, ctx.f1))
             else:
@@ -403,8 +400,6 @@ def _compiled_tables(pos: torch.Tensor, amplitudes: torch.Tensor, widths_A: torc
     batches = [pos.shape[0]] + [t.shape[0] for t in (amplitudes, widths_A) if t.ndim == 2]
     if any(b not in (1, max(batches)) for b in batches):
         return False
-    from gmmrefine import native
-
     return native.available()
 
 
