@@ -165,45 +165,47 @@ def test_frc_gradient_points_to_true_pose():
     assert float(err.max()) < 0.5 and float(t.detach().abs().max()) < 0.1
 
 
-def test_compiled_tables_equal_tensor_tables(monkeypatch):
-    """The C table kernels (float32 on the CPU) against the torch code that CUDA runs: forward and
-    every gradient, over several chunks, with shared and per-particle GMM parameters."""
+def test_fused_kernels_equal_tensor_path(monkeypatch):
+    """The fused C kernels (float32 on the CPU: tables built in cache and multiplied by BLAS sgemm)
+    against the torch code that CUDA runs: forward and every gradient, over several chunks of
+    Gaussians (one not a multiple of the kernels' 64 lanes), with shared and per-particle GMM
+    parameters, and Gaussians wide enough that their envelopes underflow."""
     import gmmrefine.gmm.project as project
     from gmmrefine import native
 
-    assert native.available(), "the compiled kernels are not built (pip install -e . builds them)"
+    assert native.fused_projection_available(), "the compiled kernels are not built, or torch's BLAS has no sgemm_"
     gen = torch.Generator().manual_seed(8)
     band = fourier_band(48, 1.5, 40.0, 3.2)
     n, batch = 300, 3
-    monkeypatch.setattr(project, "_MIN_CHUNK_COMPILED", 8)
-    monkeypatch.setattr(project, "_GAUSSIANS_PER_FREQUENCY", 1)  # chunks of K + 1 = 23 Gaussians: 14 chunks
-    monkeypatch.setattr(project, "_MIN_CHUNK", 8)
-    monkeypatch.setattr(project, "_CHUNK_FLOATS", batch * 4 * (band.k_max + 1) * 40)
+    monkeypatch.setattr(project, "_FUSED_CHUNK", 100)  # 3 chunks of 100 Gaussians (64 + 36 lanes)
     cases = {
-        "shared GMM": ((batch, n, 2), (n,), (n,)),
-        "per-particle GMM": ((batch, n, 2), (batch, n), (batch, n)),
-        "shared positions": ((1, n, 2), (batch, n), (n,)),
+        "shared GMM": ((batch, n, 2), (n,), (n,), 1.0),
+        "per-particle GMM": ((batch, n, 2), (batch, n), (batch, n), 1.0),
+        "shared positions": ((1, n, 2), (batch, n), (n,), 1.0),
+        "wide Gaussians": ((batch, n, 2), (n,), (n,), 12.0),
     }
-    for name, (pos_shape, amp_shape, width_shape) in cases.items():
+    for name, (pos_shape, amp_shape, width_shape, width_scale) in cases.items():
         pos = torch.randn(pos_shape, generator=gen) * 20
         amp = torch.rand(amp_shape, generator=gen) + 0.5
-        width = torch.rand(width_shape, generator=gen) + 1.0
+        width = (torch.rand(width_shape, generator=gen) + 1.0) * width_scale
         weights = torch.randn(2, batch, band.n_pixels, generator=gen)
         results = {}
-        for compiled in (True, False):
+        for fused in (True, False):
             calls = []
             with monkeypatch.context() as m:
-                if compiled:
-                    kernel = native.projection_tables
-                    m.setattr(native, "projection_tables", lambda *args: calls.append(1) or kernel(*args))
+                if fused:
+                    for kernel in ("project_fused_forward", "project_fused_backward"):
+                        fn = getattr(native, kernel)
+                        m.setattr(native, kernel, lambda *args, fn=fn: calls.append(1) or fn(*args))
                 else:
-                    m.setattr(project, "_compiled_tables", lambda *args: False)
+                    m.setattr(project, "_fused", lambda *args: False)
                 leaves = [t.clone().requires_grad_() for t in (pos, amp, width)]
                 re, im = project_positions(*leaves, band)
                 ((re * weights[0]).sum() + (im * weights[1]).sum()).backward()
-            assert len(calls) == (14 if compiled else 0), name  # one kernel call per chunk
-            results[compiled] = [re.detach(), im.detach()] + [t.grad for t in leaves]
+            assert len(calls) == (2 if fused else 0), name  # one forward and one backward kernel call
+            results[fused] = [re.detach(), im.detach()] + [t.grad for t in leaves]
         for label, c, t in zip(("re", "im", "d pos", "d amp", "d width"), results[True], results[False]):
             assert c.shape == t.shape, (name, label)
+            assert torch.isfinite(c).all(), (name, label)
             err = float((c - t).abs().max() / t.abs().max())
             assert err < 2e-5, f"{name}, {label}: relative difference {err:.2e}"

@@ -19,6 +19,8 @@ threads, would compete with torch's spinning OpenMP workers (measured: the proje
 from __future__ import annotations
 
 import ctypes
+import glob
+import os
 import importlib.util
 import math
 import warnings
@@ -48,10 +50,12 @@ def _library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(spec.origin)
     lib.gmm_insert_slices.restype = ctypes.c_int
     lib.gmm_insert_slices.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64]
-    lib.gmm_projection_tables.restype = None
-    lib.gmm_projection_tables.argtypes = [_ptr, _ptr, _ptr] + [_i64] * 7 + [_f64, _ptr, _ptr, _ptr]
-    lib.gmm_projection_table_sums.restype = None
-    lib.gmm_projection_table_sums.argtypes = [_ptr, _ptr] + [_i64] * 4 + [_f64, _ptr]
+    lib.gmm_sgemm_check.restype = ctypes.c_int
+    lib.gmm_sgemm_check.argtypes = [_ptr]
+    lib.gmm_project_fused_forward.restype = ctypes.c_int
+    lib.gmm_project_fused_forward.argtypes = [_ptr] * 4 + [_i64] * 6 + [_f64, _i64, _ptr, _ptr, _i64, _ptr, _ptr]
+    lib.gmm_project_fused_backward.restype = ctypes.c_int
+    lib.gmm_project_fused_backward.argtypes = [_ptr] * 7 + [_i64] * 6 + [_f64, _i64, _ptr, _ptr]
     lib.gmm_pm_fill.restype = None
     lib.gmm_pm_fill.argtypes = [_ptr, _ptr, _ptr, _i64]
     lib.gmm_pm_multiply_radial.restype = None
@@ -101,54 +105,82 @@ def insert_slices(data: torch.Tensor, weight: torch.Tensor, values: torch.Tensor
         raise MemoryError("the compiled insertion could not allocate its work space")
 
 
-def projection_tables(pos: torch.Tensor, width: torch.Tensor, ascale: torch.Tensor, start: int, stop: int,
-                      k1: int, f1: float, ys_buffer: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tables of the separable projection for Gaussians ``start:stop`` (CPU, float32, compiled).
+@lru_cache(maxsize=None)
+def _blas() -> int | None:
+    """Address of the Fortran ``sgemm_`` of the BLAS torch links (MKL or OpenBLAS), or None when no
+    working one is found."""
+    lib = _library()
+    if lib is None:
+        return None
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for path in sorted(glob.glob(os.path.join(libdir, "libtorch_cpu*"))) + sorted(glob.glob(os.path.join(libdir, "*blas*"))):
+        try:
+            blas = ctypes.CDLL(path)
+            sgemm = ctypes.cast(blas.sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+        if sgemm and lib.gmm_sgemm_check(sgemm) == 1:
+            return sgemm
+    return None
+
+
+def fused_projection_available() -> bool:
+    """True when the fused projection kernels can run: the library is built and torch's BLAS
+    exports a working ``sgemm_``."""
+    return _blas() is not None
+
+
+def project_fused_forward(pos: torch.Tensor, q: torch.Tensor, ascale: torch.Tensor, batch: int, k1: int,
+                          f1: float, chunk: int, gather: torch.Tensor, sign: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Band pixels of the separable projection, tables built and multiplied chunk by chunk in cache.
 
     Args:
-        pos: ``(Bp, N, 2)`` image positions (A); width: ``(Bw, N)`` (A); ascale: ``(Ba, N)``;
-            a batch of 1 broadcasts.
-        k1: frequencies ``n = 0..k1-1`` of ``f_n = n * f1`` (1/A).
-        ys_buffer: float32 storage to write ``ys`` into (at least its size), reused across chunks:
-            fresh pages cost a page fault each (at K = 85 half of the kernel's time).
+        pos: ``(Bp, N, 2)`` float32 image positions (A); q: ``(Bq, N)`` float64 envelope ratios
+            ``exp(-2 pi^2 s^2 f1^2)``; ascale: ``(Ba, N)`` float32; batches of 1 broadcast to ``batch``.
+        k1, f1: frequencies ``n * f1`` (1/A), ``n = 0..k1-1``; chunk: Gaussians per table.
+        gather: ``(4, P)`` int64 indices of each pixel's cc, cs, sc, ss products in the ``(2 k1)^2``
+            blocks; sign: ``(P,)`` float32, -1 where ``ky < 0``.
 
     Returns:
-        ``(x0, y0, ys)``: ``(Bt, n, 2 k1)`` interleaved ``g_n cos, g_n sin`` of ``2 pi f_n p_x`` and of
-        ``p_y`` (``Bt = max(Bp, Bw)``, ``n = stop - start``), and ``y0 * ascale`` with batch
-        ``max(Bt, Ba)``. See ``gmm_projection_tables`` in ``_native.c``.
+        ``(re, im)``, each ``(batch, P)`` float32 (``_SeparableProjection`` in project.py).
     """
-    lib = _library()
-    bp, n = pos.shape[0], pos.shape[1]
-    bw, ba = width.shape[0], ascale.shape[0]
-    tb = max(bp, bw)
-    nc = stop - start
-    x0 = torch.empty(tb, nc, 2 * k1)
-    y0 = torch.empty(tb, nc, 2 * k1)
-    ys_shape = (max(tb, ba), nc, 2 * k1)
-    if ys_buffer is None or ys_buffer.numel() < math.prod(ys_shape):
-        ys = torch.empty(ys_shape)
-    else:
-        ys = ys_buffer.view(-1)[:math.prod(ys_shape)].view(ys_shape)
-    args = (_pointer(pos, torch.float32), _pointer(width, torch.float32), _pointer(ascale, torch.float32))
-    outs = (x0.data_ptr(), y0.data_ptr(), ys.data_ptr())
-    lib.gmm_projection_tables(*args, bp, bw, ba, n, start, nc, k1, f1, *outs)
-    return x0, y0, ys
+    n, pixels = pos.shape[1], sign.shape[0]
+    re = torch.empty(batch, pixels)
+    im = torch.empty(batch, pixels)
+    status = _library().gmm_project_fused_forward(
+        _blas(), _pointer(pos, torch.float32), _pointer(q, torch.float64), _pointer(ascale, torch.float32),
+        pos.shape[0], q.shape[0], ascale.shape[0], batch, n, k1, f1, chunk, _pointer(gather, torch.int64),
+        _pointer(sign, torch.float32), pixels, re.data_ptr(), im.data_ptr())
+    if status != 0:
+        raise MemoryError("the fused projection could not allocate its tables")
+    return re, im
 
 
-def projection_table_sums(h: torch.Tensor, table: torch.Tensor, f1: float) -> torch.Tensor:
-    """``(B, n, 3)`` sums over frequency of ``z = h * table`` (complex, interleaved):
-    ``sum Re z``, ``sum f^2 Re z`` and ``sum 2 pi f Im z`` with ``f_n = n * f1``.
+def project_fused_backward(pos: torch.Tensor, q: torch.Tensor, g_re: torch.Tensor, g_im: torch.Tensor,
+                           gather: torch.Tensor, sign: torch.Tensor, k1: int, f1: float, chunk: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over frequency of the backward of the separable projection, tables rebuilt in cache.
 
     Args:
-        h: ``(B, n, 2 k1)`` float32; table: ``(1 or B, n, 2 k1)`` float32.
+        pos, q, k1, f1, chunk, gather, sign: as :func:`project_fused_forward`.
+        g_re, g_im: ``(B, P)`` float32 gradients of the pixels' real and imaginary parts.
+
+    Returns:
+        ``(rx, ry)``, each ``(B, N, 3)``: per Gaussian, ``sum_n Re z_n``, ``f1^2 sum_n n^2 Re z_n`` and
+        ``2 pi f1 sum_n n Im z_n`` of ``z = h * x0`` (``h`` the conjugate gradient of ``x0`` over the
+        amplitude) and of ``z = u * y0`` likewise.
     """
-    lib = _library()
-    nb, nc, row = h.shape
-    out = torch.empty(nb, nc, 3)
-    hp, tp = _pointer(h, torch.float32), _pointer(table, torch.float32)
-    lib.gmm_projection_table_sums(hp, tp, nb, table.shape[0], nc, row // 2, f1, out.data_ptr())
-    return out
+    batch, pixels, n = g_re.shape[0], sign.shape[0], pos.shape[1]
+    rx = torch.empty(batch, n, 3)
+    ry = torch.empty(batch, n, 3)
+    status = _library().gmm_project_fused_backward(
+        _blas(), _pointer(pos, torch.float32), _pointer(q, torch.float64), _pointer(g_re, torch.float32),
+        _pointer(g_im, torch.float32), _pointer(gather, torch.int64), _pointer(sign, torch.float32), pixels,
+        pos.shape[0], q.shape[0], batch, n, k1, f1, chunk, rx.data_ptr(), ry.data_ptr())
+    if status != 0:
+        raise MemoryError("the fused projection could not allocate its tables")
+    return rx, ry
 
 
 def pm_fill(spectrum: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

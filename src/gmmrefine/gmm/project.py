@@ -231,34 +231,30 @@ def project_positions(positions_A: torch.Tensor, amplitudes: torch.Tensor, width
     batch = max(positions_A.shape[0], amplitudes.shape[0] if amplitudes.ndim == 2 else 1,
                 widths_A.shape[0] if widths_A.ndim == 2 else 1)
     if positions_A.device.type == "cpu":
-        # (A c)[:2] without a translation is a strided view; the compiled tables read plain rows.
+        # (A c)[:2] without a translation is a strided view; the fused kernels read plain rows.
         positions_A, amplitudes, widths_A = positions_A.contiguous(), amplitudes.contiguous(), widths_A.contiguous()
-    compiled = _compiled_tables(positions_A, amplitudes, widths_A)
-    # Gaussians in chunks (CPU), so that a chunk's tables are still in cache when the bmm and the
-    # backward read them, and temporaries are reused heap memory instead of fresh page-faulted pages.
-    # Measured (2 threads, batch 16, particles/s, compiled tables, chunks of 8 / 16 / 32 / 64 K1
-    # Gaussians and one piece): at N = 8,000, K = 18 479 / 514 / 464 / 474 / 387, at K = 48 152 /
-    # 149 / 155 / 130 / 120; at N = 2,000, K = 18 1,666 / 1,759 / 1,752 / 1,903 / 1,931, where the
-    # fixed cost per chunk wins. Hence 16 K1 Gaussians, and at least 1,024. The tensor tables pay a
-    # larger fixed cost per chunk and keep the larger chunks (1.5x faster than one piece at N =
-    # 16,000, box 192, 4 A, 1 thread).
-    if positions_A.device.type != "cpu":
+    fused = _fused(positions_A, amplitudes, widths_A)
+    if fused:
+        chunk = _FUSED_CHUNK
+    elif positions_A.device.type != "cpu":
         chunk = n_gauss
-    elif compiled:
-        chunk = max(_MIN_CHUNK_COMPILED, _GAUSSIANS_PER_FREQUENCY * k1)
     else:
+        # Gaussians in chunks, so that temporaries are reused heap memory instead of fresh
+        # page-faulted pages (1.5x faster than one piece at N = 16,000, box 192, 4 A, 1 thread).
         chunk = max(_MIN_CHUNK, _CHUNK_FLOATS // (batch * 4 * k1))
     return _SeparableProjection.apply(positions_A, amplitudes, widths_A, freqs, gather, sign, weights, k1,
-                                      band.apix, chunk, compiled)
+                                      band.apix, chunk, fused)
 
 
-# Size of one Gaussian chunk's tables (floats) on CPU, and the fewest Gaussians per chunk; see
-# project_positions.
+# Size of one Gaussian chunk's tables (floats) of the torch path on a CPU, and the fewest Gaussians
+# per chunk; see project_positions.
 _CHUNK_FLOATS = 3_200_000
 _MIN_CHUNK = 256
-# Gaussians per chunk for the compiled tables: this many per frequency index (and at least the minimum).
-_GAUSSIANS_PER_FREQUENCY = 16
-_MIN_CHUNK_COMPILED = 1024
+# Gaussians per table of the fused kernels. Measured (2 threads, batch 16, particles/s for chunks of
+# 128 / 256 / 512 / 1024): N = 2,000, K1 = 19: 1681 / 2101 / 1905 / 1905; N = 8,000, K1 = 19: 580 /
+# 643 / 645 / 649; K1 = 49: 222 / 226 / 218 / 211; K1 = 65: 145 / 163 / 149 / 136; N = 16,000, K1 = 86:
+# 51 / 52 / 49 / 47. With 256, the backward's four (2 K1, 256) tables take 39-176 KB, in a core's L2.
+_FUSED_CHUNK = 256
 
 
 _TABLE_CACHE: dict = {}
@@ -309,103 +305,118 @@ class _SeparableProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pos, amp, width, freqs, gather, sign, weights, k1, apix, chunk, compiled):
+    def forward(ctx, pos, amp, width, freqs, gather, sign, weights, k1, apix, chunk, fused):
         kappa = (2 * math.pi) ** 1.5 / apix**3
         amp_b = amp if amp.ndim == 2 else amp[None]      # (Ba, N)
         width_b = width if width.ndim == 2 else width[None]
         ascale = amp_b * kappa * width_b**3               # (Ba, N)
         n_gauss = pos.shape[1]
-        f1 = float(freqs[1]) if compiled else 0.0   # compiled tables are CPU tensors: no device sync
-        blocks = None
-        chunks = []
-        ys_buffer = None
-        for start in range(0, n_gauss, chunk):
-            stop = min(start + chunk, n_gauss)
-            if compiled:
-                x0, y0, y_scaled = native.projection_tables(pos, width_b, ascale, start, stop, k1, f1, ys_buffer)
-                ys_buffer = y_scaled
-            else:
-                x0, y0, y_scaled = _tables(pos[:, start:stop], width_b[:, start:stop], ascale[:, start:stop], freqs, k1)
-            batch = y_scaled.shape[0]
-            part = torch.bmm(y_scaled.transpose(1, 2), x0.expand(batch, -1, -1))
-            blocks = part if blocks is None else blocks.add_(part)
-            del y_scaled
-            chunks.append((x0, y0))
+        batch = max(pos.shape[0], width_b.shape[0], ascale.shape[0])
+        ctx.k1, ctx.kappa, ctx.fused, ctx.chunk = k1, kappa, fused, chunk
+        ctx.shapes = (pos.shape, amp.shape, width.shape)
+        if fused:
+            # fused kernels are CPU-only: reading f1 causes no device sync
+            f1 = float(freqs[1])
+            envelope_ratio = torch.exp((-2 * math.pi**2 * f1 * f1) * width_b.double() ** 2)   # (Bw, N)
+            ascale = ascale.contiguous()
+            re, im = native.project_fused_forward(pos, envelope_ratio, ascale, batch, k1, f1, chunk, gather, sign)
+            ctx.f1 = f1
+            ctx.save_for_backward(ascale, amp_b, width_b, gather, sign, weights, pos, envelope_ratio)
+            return re, im
+        else:
+            blocks = None
+            chunks = []
+            for start in range(0, n_gauss, chunk):
+                x0, y0, y_scaled = _tables(pos[:, start:start + chunk], width_b[:, start:start + chunk],
+                                           ascale[:, start:start + chunk], freqs, k1)
+                part = torch.bmm(y_scaled.transpose(1, 2), x0.expand(y_scaled.shape[0], -1, -1))
+                blocks = part if blocks is None else blocks.add_(part)
+                del y_scaled
+                chunks.append((x0, y0))
+            ctx.save_for_backward(ascale, amp_b, width_b, gather, sign, weights,
+                                  *[t for pair in chunks for t in pair])
         blocks = blocks.flatten(1)                                                      # (B, 4 K1^2)
         cc, cs, sc, ss = (blocks[:, g] for g in gather)
         re = cc - sign * ss
         im = -(sign * sc + cs)
-        ctx.save_for_backward(ascale, amp_b, width_b, gather, sign, weights,
-                              *[t for pair in chunks for t in pair])
-        ctx.k1 = k1
-        ctx.kappa = kappa
-        ctx.compiled = compiled
-        ctx.f1 = f1
-        ctx.shapes = (pos.shape, amp.shape, width.shape)
         return re, im
 
     @staticmethod
     def backward(ctx, g_re, g_im):
-        ascale, amp_b, width_b, gather, sign, weights, *flat = ctx.saved_tensors
-        chunks = list(zip(flat[0::2], flat[1::2]))
-        pos_shape, amp_shape, width_shape = ctx.shapes
+        ascale, amp_b, width_b, gather, sign, weights, *rest = ctx.saved_tensors
         k1 = ctx.k1
         if g_re is None:
             g_re = torch.zeros_like(g_im)
         if g_im is None:
             g_im = torch.zeros_like(g_re)
         batch = g_re.shape[0]
-        g_blocks = torch.zeros(batch, 4 * k1 * k1, dtype=g_re.dtype, device=g_re.device)
-        g_blocks.index_add_(1, gather[0], g_re)
-        g_blocks.index_add_(1, gather[3], -sign * g_re)
-        g_blocks.index_add_(1, gather[2], -sign * g_im)
-        g_blocks.index_add_(1, gather[1], -g_im)
-        g_blocks = g_blocks.view(batch, 2 * k1, 2 * k1)
-        # Negating the sin columns (rows) makes the products below the conjugate table gradients.
-        flip = torch.ones(2 * k1, dtype=g_re.dtype, device=g_re.device)
-        flip[1::2] = -1.0
-        g_rows = g_blocks * flip
-        g_cols = g_blocks.transpose(1, 2) * flip
-        sums_x, sums_y = [], []
-        for x0, y0 in chunks:
-            h_conj = torch.bmm(y0.expand(batch, -1, -1), g_rows)    # conj(d/dX0) / a   (B, n, 2K1)
-            g_conj = torch.bmm(x0.expand(batch, -1, -1), g_cols)    # conj(d/dY0) / a
-            if ctx.compiled:
-                sums_x.append(native.projection_table_sums(h_conj, x0, ctx.f1))
-                sums_y.append(native.projection_table_sums(g_conj, y0, ctx.f1))
-            else:
-                sums_x.append(_table_sums(h_conj, x0, weights))
-                sums_y.append(_table_sums(g_conj, y0, weights))
-        rx = torch.cat(sums_x, 1) if len(sums_x) > 1 else sums_x[0]                    # (B, N, 3)
-        ry = torch.cat(sums_y, 1) if len(sums_y) > 1 else sums_y[0]
-        a = ascale.expand(batch, -1)
-        d_pos = torch.stack([rx[..., 2], ry[..., 2]], -1) * (-a[..., None])
-        if pos_shape[0] != batch:
-            d_pos = d_pos.sum(0, keepdim=True)
-        d_ascale = rx[..., 0]                                           # (B, N)
-        s = width_b
-        d_width = (-4 * math.pi**2) * s * a * (rx[..., 1] + ry[..., 1])
-        d_width = d_width + d_ascale * amp_b * (3 * ctx.kappa) * s**2
-        d_amp = d_ascale * ctx.kappa * s**3
-        d_amp = d_amp.sum_to_size(amp_shape) if len(amp_shape) == 2 else d_amp.sum(0)
-        d_width = d_width.sum_to_size(width_shape) if len(width_shape) == 2 else d_width.sum(0)
-        return d_pos, d_amp, d_width, None, None, None, None, None, None, None, None
+        if ctx.fused:
+            pos, envelope_ratio = rest
+            rx, ry = native.project_fused_backward(pos, envelope_ratio, g_re.contiguous(), g_im.contiguous(),
+                                                   gather, sign, k1, ctx.f1, ctx.chunk)
+        else:
+            rx, ry = _tensor_backward(g_re, g_im, gather, sign, weights, rest, k1)
+        return _parameter_gradients(ctx, rx, ry, ascale, amp_b, width_b, batch)
 
 
-def _compiled_tables(pos: torch.Tensor, amplitudes: torch.Tensor, widths_A: torch.Tensor) -> bool:
-    """Whether the C table kernels apply: float32 contiguous CPU tensors whose batches broadcast."""
+def _tensor_backward(g_re, g_im, gather, sign, weights, tables, k1):
+    """The torch path's backward sums ``(rx, ry)``, each ``(B, N, 3)``, from the saved tables."""
+    batch = g_re.shape[0]
+    g_blocks = torch.zeros(batch, 4 * k1 * k1, dtype=g_re.dtype, device=g_re.device)
+    g_blocks.index_add_(1, gather[0], g_re)
+    g_blocks.index_add_(1, gather[3], -sign * g_re)
+    g_blocks.index_add_(1, gather[2], -sign * g_im)
+    g_blocks.index_add_(1, gather[1], -g_im)
+    g_blocks = g_blocks.view(batch, 2 * k1, 2 * k1)
+    # Negating the sin columns (rows) makes the products below the conjugate table gradients.
+    flip = torch.ones(2 * k1, dtype=g_re.dtype, device=g_re.device)
+    flip[1::2] = -1.0
+    g_rows = g_blocks * flip
+    g_cols = g_blocks.transpose(1, 2) * flip
+    sums_x, sums_y = [], []
+    for x0, y0 in zip(tables[0::2], tables[1::2]):
+        h_conj = torch.bmm(y0.expand(batch, -1, -1), g_rows)    # conj(d/dX0) / a   (B, n, 2K1)
+        g_conj = torch.bmm(x0.expand(batch, -1, -1), g_cols)    # conj(d/dY0) / a
+        sums_x.append(_table_sums(h_conj, x0, weights))
+        sums_y.append(_table_sums(g_conj, y0, weights))
+    rx = torch.cat(sums_x, 1) if len(sums_x) > 1 else sums_x[0]
+    ry = torch.cat(sums_y, 1) if len(sums_y) > 1 else sums_y[0]
+    return rx, ry
+
+
+def _parameter_gradients(ctx, rx, ry, ascale, amp_b, width_b, batch):
+    """Gradients to positions, amplitudes and widths from the backward sums over frequency."""
+    pos_shape, amp_shape, width_shape = ctx.shapes
+    a = ascale.expand(batch, -1)
+    d_pos = torch.stack([rx[..., 2], ry[..., 2]], -1) * (-a[..., None])
+    if pos_shape[0] != batch:
+        d_pos = d_pos.sum(0, keepdim=True)
+    d_ascale = rx[..., 0]                                           # (B, N)
+    s = width_b
+    d_width = (-4 * math.pi**2) * s * a * (rx[..., 1] + ry[..., 1])
+    d_width = d_width + d_ascale * amp_b * (3 * ctx.kappa) * s**2
+    d_amp = d_ascale * ctx.kappa * s**3
+    d_amp = d_amp.sum_to_size(amp_shape) if len(amp_shape) == 2 else d_amp.sum(0)
+    d_width = d_width.sum_to_size(width_shape) if len(width_shape) == 2 else d_width.sum(0)
+    return d_pos, d_amp, d_width, None, None, None, None, None, None, None, None
+
+
+def _fused(pos: torch.Tensor, amplitudes: torch.Tensor, widths_A: torch.Tensor) -> bool:
+    """Whether the fused C kernels apply: float32 contiguous CPU tensors whose batches broadcast, and
+    a BLAS sgemm to call."""
     tensors = (pos, amplitudes, widths_A)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return False
     batches = [pos.shape[0]] + [t.shape[0] for t in (amplitudes, widths_A) if t.ndim == 2]
     if any(b not in (1, max(batches)) for b in batches):
         return False
-    return native.available()
+    return native.fused_projection_available()
 
 
 def _tables(pos: torch.Tensor, width_b: torch.Tensor, ascale: torch.Tensor, freqs: torch.Tensor, k1: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch twin of ``native.projection_tables`` (any device and dtype) for one chunk of Gaussians.
+    """Tables of one chunk of Gaussians (the torch path: any device and dtype; the fused kernels build
+    the same tables, transposed, in C).
 
     Returns ``(x0, y0, y0 * ascale)``, the first two ``(Bt, n, 2 K1)`` views of one table tensor.
     """
@@ -436,7 +447,8 @@ def _tables(pos: torch.Tensor, width_b: torch.Tensor, ascale: torch.Tensor, freq
 
 
 def _table_sums(h_conj: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Torch twin of ``native.projection_table_sums``: ``(B, n, 3)`` weighted sums of ``h * table``."""
+    """``(B, n, 3)`` weighted sums over frequency of ``h * table`` (complex; the fused kernels'
+    ``gmm_chunk_sums`` in C)."""
     batch, n_gauss, row = h_conj.shape
     z = torch.view_as_complex(h_conj.view(batch, n_gauss, row // 2, 2)) * torch.view_as_complex(
         table.reshape(table.shape[0], n_gauss, row // 2, 2)).expand(batch, -1, -1)
