@@ -7,8 +7,11 @@ rate). Also memory per batch: the bytes autograd keeps for backward (saved-tenso
 resident-memory growth of one step measured in a fresh process, and their growth with batch size.
 
 Usage: ``python benchmarks/projection.py [--quick] [--threads 2] [--json out.json]``.
-One step = project a batch, FRC loss against particle spectra, backward to the GMM parameters, the
-rotations (axis-angle updates) and the shifts, as refinement does.
+Two measurements per grid point, each for ours and the baseline in the same interleaved rounds:
+- projector: project a batch and back-propagate a given gradient (the particle spectra) to the GMM
+  parameters, the rotation matrices and the shifts: projections + gradients, nothing else;
+- refine step: the same inside what refinement runs, with axis-angle updates of the rotations and
+  the FRC loss against the particle spectra (their fixed per-step cost weighs at small N and K).
 """
 
 from __future__ import annotations
@@ -86,7 +89,9 @@ def make_case(n, box, apix, cut, batch, gen):
     return band, centers, amps, widths, rot0, particles
 
 
-def step(projector, band, centers, amps, widths, rot0, particles):
+def step(projector, band, centers, amps, widths, rot0, particles, measure=False):
+    """One refinement step; returns the bytes saved for backward when ``measure`` (the hooks that
+    count them run Python per saved tensor, so timed calls go without)."""
     params = [centers.clone().requires_grad_(), amps.clone().requires_grad_(), widths.clone().requires_grad_()]
     v = torch.zeros(rot0.shape[0], 3, requires_grad=True)
     t = torch.zeros(rot0.shape[0], 2, requires_grad=True)
@@ -96,9 +101,20 @@ def step(projector, band, centers, amps, widths, rot0, particles):
         proj = projector(params[0], params[1], params[2], rot, t, band)
         return frc_loss(proj, particles, band.ring_index, band.n_rings).sum()
 
-    nbytes, loss = saved_bytes(fwd)
+    if measure:
+        nbytes, loss = saved_bytes(fwd)
+    else:
+        nbytes, loss = None, fwd()
     loss.backward()
     return nbytes
+
+
+def projector_step(projector, band, centers, amps, widths, rot0, particles):
+    """Projections and their gradients alone: to the GMM parameters, the rotation matrices and the
+    shifts, from a given gradient of the projections (the particle spectra)."""
+    leaves = [centers.clone().requires_grad_(), amps.clone().requires_grad_(), widths.clone().requires_grad_(),
+              rot0.clone().requires_grad_(), torch.zeros(rot0.shape[0], 2, requires_grad=True)]
+    projector(*leaves, band).backward(particles)
 
 
 def interleaved_rates(fns, batch, min_time=2.0, min_rounds=3, max_rounds=20):
@@ -118,7 +134,9 @@ def interleaved_rates(fns, batch, min_time=2.0, min_rounds=3, max_rounds=20):
             t1 = time.perf_counter()
             fn()
             best[i] = min(best[i], time.perf_counter() - t1)
-        best_mm = min(best_mm, _matmul_seconds())
+        # three products a round: one 15 ms product is easily caught by a neighbour's burst, and a
+        # disturbed peak would flatter the fraction of the roofline
+        best_mm = min(best_mm, *(_matmul_seconds() for _ in range(3)))
         rounds += 1
     return [batch / b for b in best], 2 * _MM**3 / best_mm / 1e9
 
@@ -134,7 +152,7 @@ def _peak_rss_mb(n, box, apix, cut, batch, threads) -> float:
             "hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]); "
             "torch.set_num_threads(%d); g = torch.Generator().manual_seed(0); "
             "case = p.make_case(%d, %d, %r, %r, %d, g); "
-            "r0 = hwm(); p.step(p.project_band, *case); print((hwm() - r0) / 1024)"
+            "r0 = hwm(); p.step(p.project_band, *case, measure=True); print((hwm() - r0) / 1024)"
             % (os.path.dirname(os.path.abspath(__file__)), threads, n, box, apix, cut, batch))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -151,33 +169,38 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     print(f"float32 matmul (1024^3): {matmul_gflops():.0f} GFLOP/s on {args.threads} threads "
           f"(load avg {os.getloadavg()[0]:.2f}); each row uses the best rate seen while it ran")
-    header = (f"{'N':>6} {'box':>4} {'apix':>4} {'cut':>4} {'K':>3} {'P':>6} | {'ours/s':>8} {'base/s':>8} "
-              f"{'speedup':>7} | {'GFLOP/s':>7} {'roof/s':>8} {'of roof':>7} | {'MB/batch':>8}")
+    header = (f"{'N':>6} {'box':>4} {'apix':>4} {'cut':>4} {'K':>3} {'P':>6} | projector: {'ours/s':>7} {'base/s':>7} "
+              f"{'speedup':>7} {'of roof':>7} | refine step: {'ours/s':>7} {'base/s':>7} {'speedup':>7} {'of roof':>7} "
+              f"| {'GFLOP/s':>7} {'roof/s':>7} | {'MB/batch':>8}")
     print(header)
     rows = []
     grid = [(n, b, a, c) for n in NS for (b, a) in GRID for c in CUTS_A]
     if args.quick:
         grid = [(n, b, a, c) for n in (2000, 8000) for (b, a), c in zip(GRID, CUTS_A)]
     for n, box, apix, cut in grid:
-        band, centers, amps, widths, rot0, particles = make_case(n, box, apix, cut, args.batch, gen)
-        (ours, base), peak = interleaved_rates(
-            [lambda: step(project_band, band, centers, amps, widths, rot0, particles),
-             lambda: step(project_baseline, band, centers, amps, widths, rot0, particles)], args.batch)
+        case = make_case(n, box, apix, cut, args.batch, gen)
+        (p_ours, p_base, s_ours, s_base), peak = interleaved_rates(
+            [lambda: projector_step(project_band, *case), lambda: projector_step(project_baseline, *case),
+             lambda: step(project_band, *case), lambda: step(project_baseline, *case)], args.batch)
+        band = case[0]
         k1 = band.k_max + 1
         flops = 3 * 2 * (2 * k1) ** 2 * n  # forward bmm + two backward bmm, per particle
         roof = peak * 1e9 / flops
-        mem = step(project_band, band, centers, amps, widths, rot0, particles) / 2**20
+        mem = step(project_band, *case, measure=True) / 2**20
         row = dict(n=n, box=box, apix=apix, cut_A=cut, k_max=band.k_max, pixels=band.n_pixels, matmul_gflops=peak,
-                   ours_per_s=ours, baseline_per_s=base, speedup=ours / base, roofline_per_s=roof,
-                   fraction_of_roofline=ours / roof, saved_MB_per_batch=mem)
+                   projector_ours_per_s=p_ours, projector_baseline_per_s=p_base, projector_speedup=p_ours / p_base,
+                   projector_fraction_of_roofline=p_ours / roof,
+                   ours_per_s=s_ours, baseline_per_s=s_base, speedup=s_ours / s_base, roofline_per_s=roof,
+                   fraction_of_roofline=s_ours / roof, saved_MB_per_batch=mem)
         rows.append(row)
-        print(f"{n:>6} {box:>4} {apix:>4} {cut:>4} {band.k_max:>3} {band.n_pixels:>6} | {ours:>8.0f} {base:>8.0f} "
-              f"{ours / base:>7.1f} | {peak:>7.0f} {roof:>8.0f} {ours / roof:>7.2f} | {mem:>8.1f}", flush=True)
+        print(f"{n:>6} {box:>4} {apix:>4} {cut:>4} {band.k_max:>3} {band.n_pixels:>6} | {'':>10} {p_ours:>7.0f} "
+              f"{p_base:>7.0f} {p_ours / p_base:>7.1f} {p_ours / roof:>7.2f} | {'':>12} {s_ours:>7.0f} {s_base:>7.0f} "
+              f"{s_ours / s_base:>7.1f} {s_ours / roof:>7.2f} | {peak:>7.0f} {roof:>7.0f} | {mem:>8.1f}", flush=True)
     # Memory growth with batch size at one mid-size case.
     growth = []
     for batch in (1, 4, 16, 64):
-        band, centers, amps, widths, rot0, particles = make_case(8000, 192, 1.0, 4.0, batch, gen)
-        mb = step(project_band, band, centers, amps, widths, rot0, particles) / 2**20
+        case = make_case(8000, 192, 1.0, 4.0, batch, gen)
+        mb = step(project_band, *case, measure=True) / 2**20
         peak_mb = _peak_rss_mb(8000, 192, 1.0, 4.0, batch, args.threads)
         growth.append(dict(batch=batch, saved_MB=mb, peak_rss_growth_MB=peak_mb))
         print(f"memory: N=8000 box 192 cut 4 A batch {batch:>3}: {mb:8.1f} MB saved for backward, "

@@ -169,7 +169,8 @@ def test_fused_kernels_equal_tensor_path(monkeypatch):
     """The fused C kernels (float32 on the CPU: tables built in cache and multiplied by BLAS sgemm)
     against the torch code that CUDA runs: forward and every gradient, over several chunks of
     Gaussians (one not a multiple of the kernels' 64 lanes), with shared and per-particle GMM
-    parameters, and Gaussians wide enough that their envelopes underflow."""
+    parameters, Gaussians wide enough that their envelopes underflow, and positions hundreds of A
+    out (phases of many turns)."""
     import gmmrefine.gmm.project as project
     from gmmrefine import native
 
@@ -183,9 +184,10 @@ def test_fused_kernels_equal_tensor_path(monkeypatch):
         "per-particle GMM": ((batch, n, 2), (batch, n), (batch, n), 1.0),
         "shared positions": ((1, n, 2), (batch, n), (n,), 1.0),
         "wide Gaussians": ((batch, n, 2), (n,), (n,), 12.0),
+        "far positions": ((batch, n, 2), (n,), (n,), 1.0),  # phases of many turns: the sin/cos reduction
     }
     for name, (pos_shape, amp_shape, width_shape, width_scale) in cases.items():
-        pos = torch.randn(pos_shape, generator=gen) * 20
+        pos = torch.randn(pos_shape, generator=gen) * (200 if name == "far positions" else 20)
         amp = torch.rand(amp_shape, generator=gen) + 0.5
         width = (torch.rand(width_shape, generator=gen) + 1.0) * width_scale
         weights = torch.randn(2, batch, band.n_pixels, generator=gen)

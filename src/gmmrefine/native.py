@@ -1,9 +1,11 @@
 """ctypes bindings of the compiled CPU kernels (``src/gmmrefine/_native.c``, built at install time).
 
-Three hot loops have a C twin of their torch code on the CPU: the Fourier insertion and the
-elementwise steps of the Pipe-Menon weights of the reconstruction, and the table passes of the
-separable GMM projection. The torch code stays the one that runs on CUDA (and in float64); tests
-hold the two to each other.
+Three hot loops have a C version on the CPU beside their torch code: the Fourier insertion, the
+elementwise steps of the Pipe-Menon weights of the reconstruction, and the separable GMM projection
+with its backward, whose tables are built in cache and multiplied by the BLAS ``sgemm`` torch links
+(its address is looked up in torch's libraries and checked on a 2x3 product; without one, the torch
+code runs). The torch code stays the one that runs on CUDA (and in float64); tests hold the two to
+each other.
 
 Why C and not numba: importing numba and loading one compiled function costs ~120 MB of resident
 memory (LLVM), more than the headroom of a reconstruction under relion_reconstruct's peak; the C

@@ -136,10 +136,12 @@ def project_points(coords_A: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor
 
     Args:
         coords_A: ``(N, 3)`` or ``(B, N, 3)`` x, y, z relative to the box centre.
-        matrix: ``(B, 3, 3)`` RELION matrices ``A``.
+        matrix: ``(B, 3, 3)`` RELION matrices ``A``, or their first two rows ``(B, 2, 3)`` when only
+            image positions are wanted.
 
     Returns:
-        ``(B, N, 3)`` rotated points; ``[..., :2]`` is the image position (x, y), ``[..., 2]`` depth.
+        ``(B, N, 3)`` rotated points (``(B, N, 2)`` from two rows); ``[..., :2]`` is the image
+        position (x, y), ``[..., 2]`` depth.
     """
     return coords_A @ matrix.transpose(-1, -2)
 

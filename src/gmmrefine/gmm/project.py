@@ -173,7 +173,8 @@ def fourier_band(box: int, apix: float, minres_A: float, maxres_A: float, *, dev
 def image_positions_A(centers_A: torch.Tensor, rotations: torch.Tensor, translation_px: torch.Tensor | None,
                       apix: float) -> torch.Tensor:
     """Image-plane positions ``(A c)[:2] + t * apix`` of the Gaussians: ``(B, N, 2)`` in angstrom."""
-    pos = project_points(centers_A, rotations)[..., :2]
+    # Only the first two rows of A: the depth is not needed, and the product comes out contiguous.
+    pos = project_points(centers_A, rotations[:, :2, :])
     if translation_px is not None:
         pos = pos + translation_px[:, None, :] * apix
     return pos
