@@ -197,8 +197,10 @@ static inline void sincos_lane(double t, double *s_out, double *c_out) {
     *c_out = cos_sign * (odd * s + (1.0 - odd) * c);
 }
 
-/* Transposed tables (ld floats per row) of nc Gaussians of one particle: xt from p_x, yt from p_y
- * times scale (NULL: 1). pos: (nc, 2) A; q: (nc,) envelope ratios; w = 2 pi f1.
+/* Transposed tables (ld floats per row) of nc Gaussians of one particle: xt from p_x, yt from p_y,
+ * times the amplitude a = kappa amp s^3 when amp is not NULL. The image position of Gaussian j is
+ * p = rows c_j + shift_A (rows: the first two rows of A, row-major); centers: (nc, 3) A; q: (nc,)
+ * envelope ratios; amp, width: (nc,); w = 2 pi f1.
  *
  * With z_n = g_n e^{i n t} and u_n = q^{2n+1} e^{i t}: z_{n+1} = z_n u_n and u_{n+1} = u_n q^2, one
  * complex and two real float multiplies per entry. Rounding would grow along n, so every
@@ -208,8 +210,10 @@ static inline void sincos_lane(double t, double *s_out, double *c_out) {
  * output (the float steps add < TABLE_BLOCK roundings). */
 #define TABLE_BLOCK 8
 TABLE_CLONES
-void gmm_chunk_tables(const float *pos, const double *q, const float *scale, int64_t nc, int64_t k1, double w,
+void gmm_chunk_tables(const float *centers, const float *rows, double shift_x_A, double shift_y_A, const double *q,
+                      const float *amp, const float *width, double kappa, int64_t nc, int64_t k1, double w,
                       float *xt, float *yt, int64_t ld) {
+    const double r00 = rows[0], r01 = rows[1], r02 = rows[2], r10 = rows[3], r11 = rows[4], r12 = rows[5];
     /* double anchors per lane: Z, V, U of each axis (re, im), and the ratios q^{2M^2}, q^{2M} */
     double zxr[TABLE_LANES], zxi[TABLE_LANES], vxr[TABLE_LANES], vxi[TABLE_LANES], uxr[TABLE_LANES], uxi[TABLE_LANES];
     double zyr[TABLE_LANES], zyi[TABLE_LANES], vyr[TABLE_LANES], vyi[TABLE_LANES], uyr[TABLE_LANES], uyi[TABLE_LANES];
@@ -220,13 +224,19 @@ void gmm_chunk_tables(const float *pos, const double *q, const float *scale, int
     double amplitude[TABLE_LANES];
     for (int64_t l0 = 0; l0 < nc; l0 += TABLE_LANES) {
         const int64_t nl = nc - l0 < TABLE_LANES ? nc - l0 : TABLE_LANES;
-        for (int64_t l = 0; l < nl; l++) amplitude[l] = scale ? scale[l0 + l] : 1.0;
+        for (int64_t l = 0; l < nl; l++) {
+            const float sj = width[l0 + l];
+            amplitude[l] = amp ? (double)((float)kappa * amp[l0 + l] * (sj * sj * sj)) : 1.0;
+        }
 #pragma omp simd
         for (int64_t l = 0; l < nl; l++) {
             const int64_t j = l0 + l;
+            const double cx0 = centers[3 * j], cy0 = centers[3 * j + 1], cz0 = centers[3 * j + 2];
+            const double px = r00 * cx0 + r01 * cy0 + r02 * cz0 + shift_x_A;
+            const double py = r10 * cx0 + r11 * cy0 + r12 * cz0 + shift_y_A;
             double sx, cx, sy, cy;
-            sincos_lane(w * pos[2 * j], &sx, &cx);
-            sincos_lane(w * pos[2 * j + 1], &sy, &cy);
+            sincos_lane(w * px, &sx, &cx);
+            sincos_lane(w * py, &sy, &cy);
             /* e^{iMt} for M = 8 by three squarings; q^{M^2} = q^64, q^{2M^2} = q^128, q^{2M} = q^16 */
             const double ex2 = cx * cx - sx * sx, fx2 = 2.0 * cx * sx, ey2 = cy * cy - sy * sy, fy2 = 2.0 * cy * sy;
             const double ex4 = ex2 * ex2 - fx2 * fx2, fx4 = 2.0 * ex2 * fx2;
@@ -375,8 +385,8 @@ static void leave_thread(unsigned int csr) {
  * and page-faulted on every call (~0.2 ms of a 1 ms projection at small N). A slot grows to the
  * largest request and is kept; slots hold at most ~1 MB of tables per OpenMP worker plus the
  * caller's blocks (B (2 k1)^2 floats per thread and two per particle in the backward). */
-static __thread float *worker_slot = NULL, *caller_slot = NULL;
-static __thread size_t worker_size = 0, caller_size = 0;
+static __thread float *worker_slot = NULL, *caller_slot = NULL, *ratio_slot = NULL;
+static __thread size_t worker_size = 0, caller_size = 0, ratio_size = 0;
 
 static float *thread_scratch(float **slot, size_t *size, size_t floats) {
     if (floats > *size) {
@@ -387,29 +397,59 @@ static float *thread_scratch(float **slot, size_t *size, size_t floats) {
     return *slot;
 }
 
+/* The inputs of one projection (gmmrefine/gmm/project.py, _FusedProjection); a batch of 1
+ * broadcasts to nb. */
+typedef struct {
+    const float *centers;  /* (bc, N, 3) A */
+    const float *rows;     /* (br, 2, 3) the first two rows of each rotation A */
+    const float *shift_px; /* (bs, 2) image translation (px), or NULL */
+    const float *amp;      /* (ba, N) */
+    const float *width;    /* (bw, N) A */
+    const int64_t *gather; /* (4, np) indices of each pixel's cc, cs, sc, ss in the (2 k1)^2 blocks */
+    const float *sign;     /* (np,) -1 where ky < 0 */
+    int64_t bc, br, bs, ba, bw, nb, n, k1, np, chunk;
+    double f1, apix, kappa; /* f1 = 1 / (D apix) (1/A); kappa = (2 pi)^{3/2} / apix^3 */
+} projection_args;
+
+/* Envelope ratios q = exp(-2 pi^2 s^2 f1^2), (bw, N) doubles, once per call (not per particle). */
+static const double *envelope_ratios(const projection_args *a) {
+    const int64_t count = a->bw * a->n;
+    double *q = (double *)thread_scratch(&ratio_slot, &ratio_size, (size_t)(2 * count));
+    if (q == NULL) return NULL;
+    const double c = -2.0 * 3.14159265358979323846 * 3.14159265358979323846 * a->f1 * a->f1;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; i++) q[i] = exp(c * (double)a->width[i] * (double)a->width[i]);
+    return q;
+}
+
+/* Tables of one (particle, chunk) work item. */
+static void item_tables(const projection_args *a, const double *q, int64_t b, int64_t j0, int64_t nc, int scaled,
+                        float *xt, float *yt) {
+    const float *sh = a->shift_px ? a->shift_px + 2 * (a->bs > 1 ? b : 0) : NULL;
+    const int64_t ia = (a->ba > 1 ? b : 0) * a->n + j0, iw = (a->bw > 1 ? b : 0) * a->n + j0;
+    gmm_chunk_tables(a->centers + 3 * ((a->bc > 1 ? b : 0) * a->n + j0), a->rows + 6 * (a->br > 1 ? b : 0),
+                     sh ? sh[0] * a->apix : 0.0, sh ? sh[1] * a->apix : 0.0, q + iw, scaled ? a->amp + ia : NULL,
+                     a->width + iw, a->kappa, nc, a->k1, 2.0 * 3.14159265358979323846 * a->f1, xt, yt, nc);
+}
+
 /*
- * Forward: the blocks (2 k1, 2 k1) = sum_j ys[b, j, :]^T x[b, j, :] of each particle, with the
- * (Gaussian-major) tables of project.py, x from p_x and ys = a * table of p_y, and from them the
- * band pixels: re = cc - sign ss, im = -(sign sc + cs) with cc = blocks[gather[0, p]], cs =
- * blocks[gather[1, p]], sc = blocks[gather[2, p]], ss = blocks[gather[3, p]].
- * pos: (bp, N, 2); q: (bq, N) double; ascale: (ba, N); a batch of 1 broadcasts to nb; gather: (4, np);
- * sign: (np,); re, im: (nb, np). Work items are (particle, chunk) pairs in static order; each thread
- * sums into its own blocks, added in thread order (deterministic for a given thread count).
- * Returns 0, or -1 when out of memory.
+ * Forward: the blocks (2 k1, 2 k1) = sum_j ys[b, j, :]^T x[b, j, :] of each particle (tables of
+ * project.py: x from p_x, ys = a * table of p_y), and from them the band pixels, interleaved
+ * complex out (nb, np, 2): re = cc - sign ss, im = -(sign sc + cs). Work items are (particle, chunk)
+ * pairs in static order; each thread sums into its own blocks, added in thread order (deterministic
+ * for a given thread count). Returns 0, or -1 when out of memory.
  */
-int gmm_project_fused_forward(void *sgemm_ptr, const float *pos, const double *q,
-                              const float *ascale, int64_t bp, int64_t bq, int64_t ba, int64_t nb, int64_t n,
-                              int64_t k1, double f1, int64_t chunk, const int64_t *gather, const float *sign,
-                              int64_t np, float *re, float *im) {
+int gmm_project_fused_forward(void *sgemm_ptr, const projection_args *a, float *out) {
     const sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
-    const int64_t row = 2 * k1, blk = row * row, nch = (n + chunk - 1) / chunk, items = nb * nch;
-    const double w = 2.0 * 3.14159265358979323846 * f1;
+    const int64_t nb = a->nb, n = a->n, np = a->np, chunk = a->chunk, row = 2 * a->k1, blk = row * row;
+    const int64_t nch = (n + chunk - 1) / chunk, items = nb * nch;
     const int nthreads = omp_get_max_threads();
+    const double *q = envelope_ratios(a);
     float *acc = thread_scratch(&caller_slot, &caller_size, (size_t)nthreads * nb * blk);
     char *touched = calloc((size_t)nthreads * nb, 1);
-    int failed = acc == NULL || touched == NULL;
-    if (acc) memset(acc, 0, sizeof(float) * (size_t)nthreads * nb * blk);
+    int failed = q == NULL || acc == NULL || touched == NULL;
     if (!failed) {
+        memset(acc, 0, sizeof(float) * (size_t)nthreads * nb * blk);
 #pragma omp parallel num_threads(nthreads)
         {
             const int tid = omp_get_thread_num();
@@ -421,8 +461,7 @@ int gmm_project_fused_forward(void *sgemm_ptr, const float *pos, const double *q
             for (int64_t item = 0; item < items; item++) {
                 if (!xt) continue;
                 const int64_t b = item / nch, j0 = (item % nch) * chunk, nc = n - j0 < chunk ? n - j0 : chunk;
-                gmm_chunk_tables(pos + 2 * ((bp > 1 ? b : 0) * n + j0), q + (bq > 1 ? b : 0) * n + j0,
-                                 ascale + (ba > 1 ? b : 0) * n + j0, nc, k1, w, xt, yt, nc);
+                item_tables(a, q, b, j0, nc, 1, xt, yt);
                 /* column-major: acc^T (row x row) = xt_cm^T (row x nc) * yt_cm (nc x row) */
                 sgemm_call(sgemm, 'T', 'N', row, row, nc, xt, nc, yt, nc, 1.0f,
                            acc + ((int64_t)tid * nb + b) * blk, row);
@@ -432,25 +471,26 @@ int gmm_project_fused_forward(void *sgemm_ptr, const float *pos, const double *q
         }
     }
     if (!failed) {
+        const int64_t *icc = a->gather, *ics = a->gather + np, *isc = a->gather + 2 * np, *iss = a->gather + 3 * np;
+        const float *sign = a->sign;
 #pragma omp parallel for schedule(static)
         for (int64_t b = 0; b < nb; b++) {
             float *o = NULL; /* the first thread's blocks of b collect the others' */
             for (int t = 0; t < nthreads; t++) {
                 if (!touched[t * nb + b]) continue;
-                float *a = acc + ((int64_t)t * nb + b) * blk;
+                float *part = acc + ((int64_t)t * nb + b) * blk;
                 if (o == NULL) {
-                    o = a;
+                    o = part;
                 } else {
-                    for (int64_t i = 0; i < blk; i++) o[i] += a[i];
+                    for (int64_t i = 0; i < blk; i++) o[i] += part[i];
                 }
             }
-            const int64_t *icc = gather, *ics = gather + np, *isc = gather + 2 * np, *iss = gather + 3 * np;
-            float *rb = re + b * np, *ib = im + b * np;
+            float *ob = out + 2 * b * np;
             for (int64_t p = 0; p < np; p++) {
                 const float cc = o ? o[icc[p]] : 0.0f, cs = o ? o[ics[p]] : 0.0f;
                 const float sc = o ? o[isc[p]] : 0.0f, ss = o ? o[iss[p]] : 0.0f;
-                rb[p] = cc - sign[p] * ss;
-                ib[p] = -(sign[p] * sc + cs);
+                ob[2 * p] = cc - sign[p] * ss;
+                ob[2 * p + 1] = -(sign[p] * sc + cs);
             }
         }
     }
@@ -459,34 +499,39 @@ int gmm_project_fused_forward(void *sgemm_ptr, const float *pos, const double *q
 }
 
 /*
- * Backward: the gradient blocks G of each particle from the pixels' gradients g_re, g_im (nb, np)
- * (the adjoint of the forward's gather), g_rows = G with its sin columns negated and g_cols = G^T
- * likewise, so that with the tables rebuilt per (particle, chunk), h = y0 g_rows and u = x0 g_cols
- * (Gaussian-major, (nc, 2 k1)) are the conjugate table gradients over the amplitude; then out_x[b, j]
- * = sums(h_j * x0_j), out_y[b, j] = sums(u_j * y0_j) as gmm_chunk_sums. out_x, out_y: (nb, N, 3).
+ * Backward, from grad (nb, np, 2), the interleaved complex gradient of the pixels: the gradient
+ * blocks G of each particle (the adjoint of the forward's gather), g_rows = G with its sin columns
+ * negated and g_cols = G^T likewise, so that with the tables rebuilt per work item, h = y0 g_rows
+ * and u = x0 g_cols (Gaussian-major, (nc, 2 k1)) are the conjugate table gradients over the
+ * amplitude. Their sums over frequency with x0 and y0 (gmm_chunk_sums: rx, ry) give, per particle
+ * and Gaussian, d p = -a (rx[2], ry[2]), d a = rx[0] and d s (through a and the envelope):
+ *   d_centers (nb, N, 3) = rows^T d p;  d_amp (nb, N) = kappa s^3 d a;
+ *   d_width (nb, N) = -4 pi^2 s a (rx[1] + ry[1]) + 3 kappa amp s^2 d a;
+ *   d_rows (nb, 2, 3) = sum_j d p_j c_j^T;  d_shift (nb, 2) = apix sum_j d p_j  (px).
+ * Sums over a particle's Gaussians are made per work item and added in item order.
  */
-int gmm_project_fused_backward(void *sgemm_ptr, const float *pos, const double *q,
-                               const float *g_re, const float *g_im, const int64_t *gather, const float *sign,
-                               int64_t np, int64_t bp, int64_t bq, int64_t nb, int64_t n, int64_t k1, double f1,
-                               int64_t chunk, float *out_x, float *out_y) {
+int gmm_project_fused_backward(void *sgemm_ptr, const projection_args *a, const float *grad, float *d_centers,
+                               float *d_amp, float *d_width, float *d_rows, float *d_shift) {
     const sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
-    const int64_t row = 2 * k1, blk = row * row, nch = (n + chunk - 1) / chunk, items = nb * nch;
-    const double w = 2.0 * 3.14159265358979323846 * f1;
-    float *g_rows = thread_scratch(&caller_slot, &caller_size, (size_t)nb * 2 * blk);
-    if (g_rows == NULL) return -1;
+    const int64_t nb = a->nb, n = a->n, np = a->np, chunk = a->chunk, k1 = a->k1, row = 2 * k1, blk = row * row;
+    const int64_t nch = (n + chunk - 1) / chunk, items = nb * nch;
+    const double *q = envelope_ratios(a);
+    float *g_rows = thread_scratch(&caller_slot, &caller_size, (size_t)nb * 2 * blk + (size_t)items * 8);
+    if (q == NULL || g_rows == NULL) return -1;
     memset(g_rows, 0, sizeof(float) * (size_t)nb * 2 * blk);
-    float *g_cols = g_rows + nb * blk;
+    float *g_cols = g_rows + nb * blk, *partial = g_rows + 2 * nb * blk; /* (items, 8) */
+    const float kappa = (float)a->kappa, four_pi2 = (float)(4.0 * 3.14159265358979323846 * 3.14159265358979323846);
     int failed = 0;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nb; b++) {
-        const int64_t *icc = gather, *ics = gather + np, *isc = gather + 2 * np, *iss = gather + 3 * np;
-        const float *gr = g_re + b * np, *gi = g_im + b * np;
+        const int64_t *icc = a->gather, *ics = a->gather + np, *isc = a->gather + 2 * np, *iss = a->gather + 3 * np;
+        const float *g = grad + 2 * b * np, *sign = a->sign;
         float *gb = g_rows + b * blk, *gc = g_cols + b * blk;
         for (int64_t p = 0; p < np; p++) {
-            gb[icc[p]] += gr[p];
-            gb[iss[p]] -= sign[p] * gr[p];
-            gb[isc[p]] -= sign[p] * gi[p];
-            gb[ics[p]] -= gi[p];
+            gb[icc[p]] += g[2 * p];
+            gb[iss[p]] -= sign[p] * g[2 * p];
+            gb[isc[p]] -= sign[p] * g[2 * p + 1];
+            gb[ics[p]] -= g[2 * p + 1];
         }
         for (int64_t r = 0; r < row; r++) {
             for (int64_t c = 0; c < row; c++) {
@@ -501,25 +546,58 @@ int gmm_project_fused_backward(void *sgemm_ptr, const float *pos, const double *
 #pragma omp parallel
     {
         const unsigned int csr = enter_thread();
-        float *xt = thread_scratch(&worker_slot, &worker_size, (size_t)4 * row * chunk);
+        float *xt = thread_scratch(&worker_slot, &worker_size, (size_t)4 * row * chunk + (size_t)6 * chunk);
         float *yt = xt ? xt + row * chunk : NULL, *ht = xt ? xt + 2 * row * chunk : NULL;
-        float *ut = xt ? xt + 3 * row * chunk : NULL;
+        float *ut = xt ? xt + 3 * row * chunk : NULL, *rx = xt ? xt + 4 * row * chunk : NULL;
+        float *ry = rx ? rx + 3 * chunk : NULL;
         if (!xt) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             if (!xt) continue;
             const int64_t b = item / nch, j0 = (item % nch) * chunk, nc = n - j0 < chunk ? n - j0 : chunk;
-            gmm_chunk_tables(pos + 2 * ((bp > 1 ? b : 0) * n + j0), q + (bq > 1 ? b : 0) * n + j0, NULL, nc,
-                             k1, w, xt, yt, nc);
+            item_tables(a, q, b, j0, nc, 0, xt, yt);
             /* column-major: h (nc x row) = yt_cm (nc x row) * g_rows (stored row-major: 'T') */
             sgemm_call(sgemm, 'N', 'T', nc, row, row, yt, nc, g_rows + b * blk, row, 0.0f, ht, nc);
             sgemm_call(sgemm, 'N', 'T', nc, row, row, xt, nc, g_cols + b * blk, row, 0.0f, ut, nc);
-            gmm_chunk_sums(ht, xt, nc, k1, nc, f1, out_x + 3 * (b * n + j0));
-            gmm_chunk_sums(ut, yt, nc, k1, nc, f1, out_y + 3 * (b * n + j0));
+            gmm_chunk_sums(ht, xt, nc, k1, nc, a->f1, rx);
+            gmm_chunk_sums(ut, yt, nc, k1, nc, a->f1, ry);
+            const float *c = a->centers + 3 * ((a->bc > 1 ? b : 0) * n + j0), *rw = a->rows + 6 * (a->br > 1 ? b : 0);
+            const float *amp = a->amp + (a->ba > 1 ? b : 0) * n + j0, *width = a->width + (a->bw > 1 ? b : 0) * n + j0;
+            float *dc = d_centers + 3 * (b * n + j0), *da = d_amp + b * n + j0, *dw = d_width + b * n + j0;
+            float s00 = 0, s01 = 0, s02 = 0, s10 = 0, s11 = 0, s12 = 0, spx = 0, spy = 0;
+            for (int64_t j = 0; j < nc; j++) {
+                const float s = width[j], s2 = s * s, ascale = kappa * amp[j] * (s2 * s);
+                const float dpx = -ascale * rx[3 * j + 2], dpy = -ascale * ry[3 * j + 2], d_ascale = rx[3 * j];
+                dc[3 * j] = rw[0] * dpx + rw[3] * dpy;
+                dc[3 * j + 1] = rw[1] * dpx + rw[4] * dpy;
+                dc[3 * j + 2] = rw[2] * dpx + rw[5] * dpy;
+                da[j] = d_ascale * kappa * (s2 * s);
+                dw[j] = -four_pi2 * s * ascale * (rx[3 * j + 1] + ry[3 * j + 1]) + d_ascale * amp[j] * (3.0f * kappa) * s2;
+                s00 += dpx * c[3 * j];
+                s01 += dpx * c[3 * j + 1];
+                s02 += dpx * c[3 * j + 2];
+                s10 += dpy * c[3 * j];
+                s11 += dpy * c[3 * j + 1];
+                s12 += dpy * c[3 * j + 2];
+                spx += dpx;
+                spy += dpy;
+            }
+            float *pt = partial + 8 * item;
+            pt[0] = s00, pt[1] = s01, pt[2] = s02, pt[3] = s10, pt[4] = s11, pt[5] = s12, pt[6] = spx, pt[7] = spy;
         }
         leave_thread(csr);
     }
-    return failed ? -1 : 0;
+    if (failed) return -1;
+    for (int64_t b = 0; b < nb; b++) {
+        double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t ch = 0; ch < nch; ch++) {
+            for (int k = 0; k < 8; k++) sums[k] += partial[8 * (b * nch + ch) + k];
+        }
+        for (int k = 0; k < 6; k++) d_rows[6 * b + k] = (float)sums[k];
+        d_shift[2 * b] = (float)(sums[6] * a->apix);
+        d_shift[2 * b + 1] = (float)(sums[7] * a->apix);
+    }
+    return 0;
 }
 
 /*

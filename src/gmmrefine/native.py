@@ -42,6 +42,14 @@ _i64 = ctypes.c_int64
 _f64 = ctypes.c_double
 
 
+class ProjectionArgs(ctypes.Structure):
+    """``projection_args`` of ``_native.c``: the inputs of one fused projection."""
+
+    _fields_ = [(name, _ptr) for name in ("centers", "rows", "shift_px", "amp", "width", "gather", "sign")] + [
+        (name, _i64) for name in ("bc", "br", "bs", "ba", "bw", "nb", "n", "k1", "np", "chunk")] + [
+        (name, _f64) for name in ("f1", "apix", "kappa")]
+
+
 @lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
     spec = importlib.util.find_spec("gmmrefine._native")
@@ -55,9 +63,9 @@ def _library() -> ctypes.CDLL | None:
     lib.gmm_sgemm_check.restype = ctypes.c_int
     lib.gmm_sgemm_check.argtypes = [_ptr]
     lib.gmm_project_fused_forward.restype = ctypes.c_int
-    lib.gmm_project_fused_forward.argtypes = [_ptr] * 4 + [_i64] * 6 + [_f64, _i64, _ptr, _ptr, _i64, _ptr, _ptr]
+    lib.gmm_project_fused_forward.argtypes = [_ptr, ctypes.POINTER(ProjectionArgs), _ptr]
     lib.gmm_project_fused_backward.restype = ctypes.c_int
-    lib.gmm_project_fused_backward.argtypes = [_ptr] * 7 + [_i64] * 6 + [_f64, _i64, _ptr, _ptr]
+    lib.gmm_project_fused_backward.argtypes = [_ptr, ctypes.POINTER(ProjectionArgs)] + [_ptr] * 6
     lib.gmm_pm_fill.restype = None
     lib.gmm_pm_fill.argtypes = [_ptr, _ptr, _ptr, _i64]
     lib.gmm_pm_multiply_radial.restype = None
@@ -132,57 +140,60 @@ def fused_projection_available() -> bool:
     return _blas() is not None
 
 
-def project_fused_forward(pos: torch.Tensor, q: torch.Tensor, ascale: torch.Tensor, batch: int, k1: int,
-                          f1: float, chunk: int, gather: torch.Tensor, sign: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Band pixels of the separable projection, tables built and multiplied chunk by chunk in cache.
+def projection_args(centers: torch.Tensor, rows: torch.Tensor, shift_px: torch.Tensor | None, amp: torch.Tensor,
+                    width: torch.Tensor, gather: torch.Tensor, sign: torch.Tensor, batch: int, k1: int, f1: float,
+                    apix: float, kappa: float, chunk: int) -> ProjectionArgs:
+    """Pack the inputs of :func:`project_fused_forward` (the tensors must outlive the calls).
 
     Args:
-        pos: ``(Bp, N, 2)`` float32 image positions (A); q: ``(Bq, N)`` float64 envelope ratios
-            ``exp(-2 pi^2 s^2 f1^2)``; ascale: ``(Ba, N)`` float32; batches of 1 broadcast to ``batch``.
-        k1, f1: frequencies ``n * f1`` (1/A), ``n = 0..k1-1``; chunk: Gaussians per table.
+        centers: ``(Bc, N, 3)`` float32 (A); rows: ``(Br, 2, 3)`` float32, the first two rows of each
+            rotation ``A``; shift_px: ``(Bs, 2)`` float32 image translations (px) or None;
+            amp, width: ``(Ba, N)``, ``(Bw, N)`` float32 (A); batches of 1 broadcast to ``batch``.
         gather: ``(4, P)`` int64 indices of each pixel's cc, cs, sc, ss products in the ``(2 k1)^2``
             blocks; sign: ``(P,)`` float32, -1 where ``ky < 0``.
+        k1, f1: frequencies ``n * f1`` (1/A), ``n = 0..k1-1``; apix: A/px; kappa: ``(2 pi)^1.5 / apix^3``;
+        chunk: Gaussians per table.
+    """
+    n = centers.shape[1]
+    return ProjectionArgs(
+        _pointer(centers, torch.float32), _pointer(rows, torch.float32),
+        None if shift_px is None else _pointer(shift_px, torch.float32), _pointer(amp, torch.float32),
+        _pointer(width, torch.float32), _pointer(gather, torch.int64), _pointer(sign, torch.float32),
+        centers.shape[0], rows.shape[0], 0 if shift_px is None else shift_px.shape[0], amp.shape[0], width.shape[0],
+        batch, n, k1, sign.shape[0], chunk, f1, apix, kappa)
+
+
+def project_fused_forward(args: ProjectionArgs) -> torch.Tensor:
+    """Band pixels of the separable projection, tables built and multiplied chunk by chunk in cache.
 
     Returns:
-        ``(re, im)``, each ``(batch, P)`` float32 (``_SeparableProjection`` in project.py).
+        ``(batch, P)`` complex64 (``_FusedProjection`` in project.py).
     """
-    n, pixels = pos.shape[1], sign.shape[0]
-    re = torch.empty(batch, pixels)
-    im = torch.empty(batch, pixels)
-    status = _library().gmm_project_fused_forward(
-        _blas(), _pointer(pos, torch.float32), _pointer(q, torch.float64), _pointer(ascale, torch.float32),
-        pos.shape[0], q.shape[0], ascale.shape[0], batch, n, k1, f1, chunk, _pointer(gather, torch.int64),
-        _pointer(sign, torch.float32), pixels, re.data_ptr(), im.data_ptr())
-    if status != 0:
+    out = torch.empty(args.nb, args.np, 2)
+    if _library().gmm_project_fused_forward(_blas(), ctypes.byref(args), out.data_ptr()) != 0:
         raise MemoryError("the fused projection could not allocate its tables")
-    return re, im
+    return torch.view_as_complex(out)
 
 
-def project_fused_backward(pos: torch.Tensor, q: torch.Tensor, g_re: torch.Tensor, g_im: torch.Tensor,
-                           gather: torch.Tensor, sign: torch.Tensor, k1: int, f1: float, chunk: int
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over frequency of the backward of the separable projection, tables rebuilt in cache.
+def project_fused_backward(args: ProjectionArgs, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients of the fused projection, tables rebuilt in cache.
 
     Args:
-        pos, q, k1, f1, chunk, gather, sign: as :func:`project_fused_forward`.
-        g_re, g_im: ``(B, P)`` float32 gradients of the pixels' real and imaginary parts.
+        args: as given to :func:`project_fused_forward`.
+        grad: ``(batch, P)`` complex64 gradient of the pixels.
 
     Returns:
-        ``(rx, ry)``, each ``(B, N, 3)``: per Gaussian, ``sum_n Re z_n``, ``f1^2 sum_n n^2 Re z_n`` and
-        ``2 pi f1 sum_n n Im z_n`` of ``z = h * x0`` (``h`` the conjugate gradient of ``x0`` over the
-        amplitude) and of ``z = u * y0`` likewise.
+        Per particle (not yet summed over a shared batch): ``d_centers (batch, N, 3)``, ``d_amp
+        (batch, N)``, ``d_width (batch, N)``, ``d_rows (batch, 2, 3)`` and ``d_shift (batch, 2)`` (px).
     """
-    batch, pixels, n = g_re.shape[0], sign.shape[0], pos.shape[1]
-    rx = torch.empty(batch, n, 3)
-    ry = torch.empty(batch, n, 3)
-    status = _library().gmm_project_fused_backward(
-        _blas(), _pointer(pos, torch.float32), _pointer(q, torch.float64), _pointer(g_re, torch.float32),
-        _pointer(g_im, torch.float32), _pointer(gather, torch.int64), _pointer(sign, torch.float32), pixels,
-        pos.shape[0], q.shape[0], batch, n, k1, f1, chunk, rx.data_ptr(), ry.data_ptr())
+    grad = torch.view_as_real(grad.resolve_conj().contiguous()).contiguous()
+    nb, n = args.nb, args.n
+    outs = (torch.empty(nb, n, 3), torch.empty(nb, n), torch.empty(nb, n), torch.empty(nb, 2, 3), torch.empty(nb, 2))
+    status = _library().gmm_project_fused_backward(_blas(), ctypes.byref(args), _pointer(grad, torch.float32),
+                                                   *(t.data_ptr() for t in outs))
     if status != 0:
         raise MemoryError("the fused projection could not allocate its tables")
-    return rx, ry
+    return outs
 
 
 def pm_fill(spectrum: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -208,6 +208,9 @@ def project_band(centers_A: torch.Tensor, amplitudes: torch.Tensor, widths_A: to
     Returns:
         ``(B, P)`` complex.
     """
+    rows = rotations[:, :2, :]
+    if _fused(centers_A, amplitudes, widths_A, rows, translation_px):
+        return _fused_projection(centers_A, amplitudes, widths_A, rows, translation_px, band)
     pos = image_positions_A(centers_A, rotations, translation_px, band.apix)
     re, im = project_positions(pos, amplitudes, widths_A, band)
     return torch.complex(re, im)
@@ -227,24 +230,29 @@ def project_positions(positions_A: torch.Tensor, amplitudes: torch.Tensor, width
     Returns:
         ``(real, imag)``, each ``(B, P)``.
     """
+    if _fused(positions_A, amplitudes, widths_A):
+        # the fused kernels take 3D centres and rotations: positions are centres at z = 0, seen along z
+        rows = torch.eye(2, 3, dtype=positions_A.dtype)[None]
+        z = _fused_projection(torch.nn.functional.pad(positions_A, (0, 1)), amplitudes, widths_A, rows, None, band)
+        return z.real, z.imag
     freqs, gather, sign, weights, k1 = _band_tables(band, positions_A.device, positions_A.dtype)
     n_gauss = positions_A.shape[1]
     batch = max(positions_A.shape[0], amplitudes.shape[0] if amplitudes.ndim == 2 else 1,
                 widths_A.shape[0] if widths_A.ndim == 2 else 1)
-    if positions_A.device.type == "cpu":
-        # (A c)[:2] without a translation is a strided view; the fused kernels read plain rows.
-        positions_A, amplitudes, widths_A = positions_A.contiguous(), amplitudes.contiguous(), widths_A.contiguous()
-    fused = _fused(positions_A, amplitudes, widths_A)
-    if fused:
-        chunk = _FUSED_CHUNK
-    elif positions_A.device.type != "cpu":
+    if positions_A.device.type != "cpu":
         chunk = n_gauss
     else:
         # Gaussians in chunks, so that temporaries are reused heap memory instead of fresh
         # page-faulted pages (1.5x faster than one piece at N = 16,000, box 192, 4 A, 1 thread).
         chunk = max(_MIN_CHUNK, _CHUNK_FLOATS // (batch * 4 * k1))
     return _SeparableProjection.apply(positions_A, amplitudes, widths_A, freqs, gather, sign, weights, k1,
-                                      band.apix, chunk, fused)
+                                      band.apix, chunk)
+
+
+def _fused_projection(centers_A, amplitudes, widths_A, rows, translation_px, band):
+    _, gather, sign, _, k1 = _band_tables(band, centers_A.device, centers_A.dtype)
+    return _FusedProjection.apply(centers_A, amplitudes, widths_A, rows, translation_px, gather, sign, k1,
+                                  1.0 / (band.box * band.apix), band.apix)
 
 
 # Size of one Gaussian chunk's tables (floats) of the torch path on a CPU, and the fewest Gaussians
@@ -306,36 +314,23 @@ class _SeparableProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pos, amp, width, freqs, gather, sign, weights, k1, apix, chunk, fused):
+    def forward(ctx, pos, amp, width, freqs, gather, sign, weights, k1, apix, chunk):
         kappa = (2 * math.pi) ** 1.5 / apix**3
         amp_b = amp if amp.ndim == 2 else amp[None]      # (Ba, N)
         width_b = width if width.ndim == 2 else width[None]
         ascale = amp_b * kappa * width_b**3               # (Ba, N)
-        n_gauss = pos.shape[1]
-        batch = max(pos.shape[0], width_b.shape[0], ascale.shape[0])
-        ctx.k1, ctx.kappa, ctx.fused, ctx.chunk = k1, kappa, fused, chunk
+        ctx.k1, ctx.kappa = k1, kappa
         ctx.shapes = (pos.shape, amp.shape, width.shape)
-        if fused:
-            # fused kernels are CPU-only: reading f1 causes no device sync
-            f1 = float(freqs[1])
-            envelope_ratio = torch.exp((-2 * math.pi**2 * f1 * f1) * width_b.double() ** 2)   # (Bw, N)
-            ascale = ascale.contiguous()
-            re, im = native.project_fused_forward(pos, envelope_ratio, ascale, batch, k1, f1, chunk, gather, sign)
-            ctx.f1 = f1
-            ctx.save_for_backward(ascale, amp_b, width_b, gather, sign, weights, pos, envelope_ratio)
-            return re, im
-        else:
-            blocks = None
-            chunks = []
-            for start in range(0, n_gauss, chunk):
-                x0, y0, y_scaled = _tables(pos[:, start:start + chunk], width_b[:, start:start + chunk],
-                                           ascale[:, start:start + chunk], freqs, k1)
-                part = torch.bmm(y_scaled.transpose(1, 2), x0.expand(y_scaled.shape[0], -1, -1))
-                blocks = part if blocks is None else blocks.add_(part)
-                del y_scaled
-                chunks.append((x0, y0))
-            ctx.save_for_backward(ascale, amp_b, width_b, gather, sign, weights,
-                                  *[t for pair in chunks for t in pair])
+        blocks = None
+        chunks = []
+        for start in range(0, pos.shape[1], chunk):
+            x0, y0, y_scaled = _tables(pos[:, start:start + chunk], width_b[:, start:start + chunk],
+                                       ascale[:, start:start + chunk], freqs, k1)
+            part = torch.bmm(y_scaled.transpose(1, 2), x0.expand(y_scaled.shape[0], -1, -1))
+            blocks = part if blocks is None else blocks.add_(part)
+            del y_scaled
+            chunks.append((x0, y0))
+        ctx.save_for_backward(ascale, amp_b, width_b, gather, sign, weights, *[t for pair in chunks for t in pair])
         blocks = blocks.flatten(1)                                                      # (B, 4 K1^2)
         cc, cs, sc, ss = (blocks[:, g] for g in gather)
         re = cc - sign * ss
@@ -351,12 +346,7 @@ class _SeparableProjection(torch.autograd.Function):
         if g_im is None:
             g_im = torch.zeros_like(g_re)
         batch = g_re.shape[0]
-        if ctx.fused:
-            pos, envelope_ratio = rest
-            rx, ry = native.project_fused_backward(pos, envelope_ratio, g_re.contiguous(), g_im.contiguous(),
-                                                   gather, sign, k1, ctx.f1, ctx.chunk)
-        else:
-            rx, ry = _tensor_backward(g_re, g_im, gather, sign, weights, rest, k1)
+        rx, ry = _tensor_backward(g_re, g_im, gather, sign, weights, rest, k1)
         return _parameter_gradients(ctx, rx, ry, ascale, amp_b, width_b, batch)
 
 
@@ -399,19 +389,64 @@ def _parameter_gradients(ctx, rx, ry, ascale, amp_b, width_b, batch):
     d_amp = d_ascale * ctx.kappa * s**3
     d_amp = d_amp.sum_to_size(amp_shape) if len(amp_shape) == 2 else d_amp.sum(0)
     d_width = d_width.sum_to_size(width_shape) if len(width_shape) == 2 else d_width.sum(0)
-    return d_pos, d_amp, d_width, None, None, None, None, None, None, None, None
+    return d_pos, d_amp, d_width, None, None, None, None, None, None, None
 
 
-def _fused(pos: torch.Tensor, amplitudes: torch.Tensor, widths_A: torch.Tensor) -> bool:
-    """Whether the fused C kernels apply: float32 contiguous CPU tensors whose batches broadcast, and
-    a BLAS sgemm to call."""
-    tensors = (pos, amplitudes, widths_A)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+def _fused(centers_A: torch.Tensor, amplitudes: torch.Tensor, widths_A: torch.Tensor,
+           rows: torch.Tensor | None = None, translation_px: torch.Tensor | None = None) -> bool:
+    """Whether the fused C kernels apply: float32 CPU tensors whose batches broadcast, and a BLAS
+    sgemm to call."""
+    tensors = [t for t in (centers_A, amplitudes, widths_A, rows, translation_px) if t is not None]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
-    batches = [pos.shape[0]] + [t.shape[0] for t in (amplitudes, widths_A) if t.ndim == 2]
-    if any(b not in (1, max(batches)) for b in batches):
+    batches = [t.shape[0] for t in tensors if t.ndim == 3 or (t.ndim == 2 and t is not centers_A)]
+    if any(b not in (1, max(batches, default=1)) for b in batches):
         return False
     return native.fused_projection_available()
+
+
+class _FusedProjection(torch.autograd.Function):
+    """The separable projection on the CPU in float32, by the fused kernels of
+    :mod:`gmmrefine.native`: per particle and chunk of Gaussians, the image positions, the tables
+    ``X0``, ``Y0`` (as in :class:`_SeparableProjection`) and their block product are computed in
+    cache, and the backward rebuilds the tables instead of saving them; it returns the gradients to
+    the centres, amplitudes, widths, rotation rows and shifts directly (no autograd graph below)."""
+
+    @staticmethod
+    def forward(ctx, centers, amp, width, rows, shift_px, gather, sign, k1, f1, apix):
+        centers_b = (centers if centers.ndim == 3 else centers[None]).contiguous()
+        amp_b = (amp if amp.ndim == 2 else amp[None]).contiguous()
+        width_b = (width if width.ndim == 2 else width[None]).contiguous()
+        rows = rows.contiguous()
+        shift_px = None if shift_px is None else shift_px.contiguous()
+        batch = max(centers_b.shape[0], amp_b.shape[0], width_b.shape[0], rows.shape[0],
+                    1 if shift_px is None else shift_px.shape[0])
+        kappa = (2 * math.pi) ** 1.5 / apix**3
+        ctx.constants = (batch, k1, f1, apix, kappa)
+        ctx.shapes = (centers.shape, amp.shape, width.shape, rows.shape, None if shift_px is None else shift_px.shape)
+        ctx.save_for_backward(centers_b, amp_b, width_b, rows, shift_px, gather, sign)
+        args = native.projection_args(centers_b, rows, shift_px, amp_b, width_b, gather, sign, batch, k1, f1, apix,
+                                      kappa, _FUSED_CHUNK)
+        return native.project_fused_forward(args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        centers_b, amp_b, width_b, rows, shift_px, gather, sign = ctx.saved_tensors
+        batch, k1, f1, apix, kappa = ctx.constants
+        args = native.projection_args(centers_b, rows, shift_px, amp_b, width_b, gather, sign, batch, k1, f1, apix,
+                                      kappa, _FUSED_CHUNK)
+        d_centers, d_amp, d_width, d_rows, d_shift = native.project_fused_backward(args, grad)
+        grads = [_sum_to(g, shape) if shape is not None and need else None
+                 for g, shape, need in zip((d_centers, d_amp, d_width, d_rows, d_shift), ctx.shapes,
+                                           ctx.needs_input_grad)]
+        return (*grads, None, None, None, None, None)
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A per-particle gradient ``(B, ...)`` summed over the particles that share an input of ``shape``."""
+    if len(shape) < grad.ndim:
+        return grad.sum(0)
+    return grad if grad.shape[0] == shape[0] else grad.sum(0, keepdim=True)
 
 
 def _tables(pos: torch.Tensor, width_b: torch.Tensor, ascale: torch.Tensor, freqs: torch.Tensor, k1: int
