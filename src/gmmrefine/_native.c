@@ -197,6 +197,25 @@ static inline void sincos_lane(double t, double *s_out, double *c_out) {
     *c_out = cos_sign * (odd * s + (1.0 - odd) * c);
 }
 
+/* Z <- Z V, V <- V q^{2M^2}, U <- U q^{2M} for lane l of the double anchors (see gmm_chunk_tables). */
+static inline void advance_anchors(int64_t l, double *zxr, double *zxi, double *zyr, double *zyi, double *vxr,
+                                   double *vxi, double *vyr, double *vyi, double *uxr, double *uxi, double *uyr,
+                                   double *uyi, const double *qv, const double *qu) {
+    const double zxr1 = zxr[l] * vxr[l] - zxi[l] * vxi[l], zyr1 = zyr[l] * vyr[l] - zyi[l] * vyi[l];
+    zxi[l] = zxr[l] * vxi[l] + zxi[l] * vxr[l];
+    zyi[l] = zyr[l] * vyi[l] + zyi[l] * vyr[l];
+    zxr[l] = zxr1;
+    zyr[l] = zyr1;
+    vxr[l] *= qv[l];
+    vxi[l] *= qv[l];
+    vyr[l] *= qv[l];
+    vyi[l] *= qv[l];
+    uxr[l] *= qu[l];
+    uxi[l] *= qu[l];
+    uyr[l] *= qu[l];
+    uyi[l] *= qu[l];
+}
+
 /* Transposed tables (ld floats per row) of nc Gaussians of one particle: xt from p_x, yt from p_y,
  * times the amplitude a = kappa amp s^3 when amp is not NULL. The image position of Gaussian j is
  * p = rows c_j + shift_A (rows: the first two rows of A, row-major); centers: (nc, 3) A; q: (nc,)
@@ -262,50 +281,59 @@ void gmm_chunk_tables(const float *centers, const float *rows, double shift_x_A,
             qu[l] = q16;
             fq2[l] = (float)q2;
         }
-        for (int64_t n0 = 0; n0 < k1; n0 += TABLE_BLOCK) {
+        const int64_t full_blocks = k1 / TABLE_BLOCK;
+        for (int64_t blk = 0; blk < full_blocks; blk++) {
+            const int64_t n0 = blk * TABLE_BLOCK;
 #pragma omp simd
             for (int64_t l = 0; l < nl; l++) {
-                fxr[l] = (float)zxr[l];
-                fxi[l] = (float)zxi[l];
-                fyr[l] = (float)zyr[l];
-                fyi[l] = (float)zyi[l];
-                gxr[l] = (float)uxr[l];
-                gxi[l] = (float)uxi[l];
-                gyr[l] = (float)uyr[l];
-                gyi[l] = (float)uyi[l];
-                const double zxr1 = zxr[l] * vxr[l] - zxi[l] * vxi[l], zyr1 = zyr[l] * vyr[l] - zyi[l] * vyi[l];
-                zxi[l] = zxr[l] * vxi[l] + zxi[l] * vxr[l];
-                zyi[l] = zyr[l] * vyi[l] + zyi[l] * vyr[l];
-                zxr[l] = zxr1;
-                zyr[l] = zyr1;
-                vxr[l] *= qv[l];
-                vxi[l] *= qv[l];
-                vyr[l] *= qv[l];
-                vyi[l] *= qv[l];
-                uxr[l] *= qu[l];
-                uxi[l] *= qu[l];
-                uyr[l] *= qu[l];
-                uyi[l] *= qu[l];
-            }
-            const int64_t n1 = n0 + TABLE_BLOCK < k1 ? n0 + TABLE_BLOCK : k1;
-            for (int64_t n = n0; n < n1; n++) {
-                float *xc = xt + 2 * n * ld + l0, *xs = xc + ld, *yc = yt + 2 * n * ld + l0, *ys = yc + ld;
-#pragma omp simd
-                for (int64_t l = 0; l < nl; l++) {
-                    xc[l] = fxr[l];
-                    xs[l] = fxi[l];
-                    yc[l] = fyr[l];
-                    ys[l] = fyi[l];
-                    const float xr1 = fxr[l] * gxr[l] - fxi[l] * gxi[l], yr1 = fyr[l] * gyr[l] - fyi[l] * gyi[l];
-                    fxi[l] = fxr[l] * gxi[l] + fxi[l] * gxr[l];
-                    fyi[l] = fyr[l] * gyi[l] + fyi[l] * gyr[l];
-                    fxr[l] = xr1;
-                    fyr[l] = yr1;
-                    gxr[l] *= fq2[l];
-                    gxi[l] *= fq2[l];
-                    gyr[l] *= fq2[l];
-                    gyi[l] *= fq2[l];
+                /* the block's float state stays in registers */
+                float xr = (float)zxr[l], xi = (float)zxi[l], yr = (float)zyr[l], yi = (float)zyi[l];
+                float gr = (float)uxr[l], gi = (float)uxi[l], hr = (float)uyr[l], hi = (float)uyi[l];
+                const float ratio = fq2[l];
+                advance_anchors(l, zxr, zxi, zyr, zyi, vxr, vxi, vyr, vyi, uxr, uxi, uyr, uyi, qv, qu);
+#pragma GCC unroll 8
+                for (int m = 0; m < TABLE_BLOCK; m++) {
+                    float *xc = xt + 2 * (n0 + m) * ld + l0, *yc = yt + 2 * (n0 + m) * ld + l0;
+                    xc[l] = xr;
+                    xc[ld + l] = xi;
+                    yc[l] = yr;
+                    yc[ld + l] = yi;
+                    const float xr1 = xr * gr - xi * gi, yr1 = yr * hr - yi * hi;
+                    xi = xr * gi + xi * gr;
+                    yi = yr * hi + yi * hr;
+                    xr = xr1;
+                    yr = yr1;
+                    gr *= ratio;
+                    gi *= ratio;
+                    hr *= ratio;
+                    hi *= ratio;
                 }
+            }
+        }
+        if (full_blocks * TABLE_BLOCK == k1) continue;
+        /* the last, partial block: one pass over the lanes per entry */
+#pragma omp simd
+        for (int64_t l = 0; l < nl; l++) {
+            fxr[l] = (float)zxr[l], fxi[l] = (float)zxi[l], fyr[l] = (float)zyr[l], fyi[l] = (float)zyi[l];
+            gxr[l] = (float)uxr[l], gxi[l] = (float)uxi[l], gyr[l] = (float)uyr[l], gyi[l] = (float)uyi[l];
+        }
+        for (int64_t n = full_blocks * TABLE_BLOCK; n < k1; n++) {
+            float *xc = xt + 2 * n * ld + l0, *xs = xc + ld, *yc = yt + 2 * n * ld + l0, *ys = yc + ld;
+#pragma omp simd
+            for (int64_t l = 0; l < nl; l++) {
+                xc[l] = fxr[l];
+                xs[l] = fxi[l];
+                yc[l] = fyr[l];
+                ys[l] = fyi[l];
+                const float xr1 = fxr[l] * gxr[l] - fxi[l] * gxi[l], yr1 = fyr[l] * gyr[l] - fyi[l] * gyi[l];
+                fxi[l] = fxr[l] * gxi[l] + fxi[l] * gxr[l];
+                fyi[l] = fyr[l] * gyi[l] + fyi[l] * gyr[l];
+                fxr[l] = xr1;
+                fyr[l] = yr1;
+                gxr[l] *= fq2[l];
+                gxi[l] *= fq2[l];
+                gyr[l] *= fq2[l];
+                gyi[l] *= fq2[l];
             }
         }
     }
