@@ -23,30 +23,36 @@ instead of one complex exponential per Gaussian and pixel. The backward is writt
 of the same size, then one complex multiply per table (``conj(dL/dtable) * table`` holds the width and
 amplitude terms in its real part and the position terms in its imaginary part) and one small matmul
 for the sums over frequency; autograd would keep complex intermediates and launch ~3x more
-full-size kernels. Gaussians are processed in chunks (CPU) so temporaries are reused heap memory.
-On the CPU in float32, the tables and the backward's sums over frequency come from C kernels
-(:mod:`gmmrefine.native`, OpenMP in torch's own thread pool): one pass over each table instead of ~4
-tensor passes, the envelope computed once per Gaussian for all particles, and chunks of
-``max(1024, 16 (K+1))`` Gaussians whose tables stay in cache. Measured against the tensor tables in one run (2 threads,
-batch 16, interleaved rounds): 0.96x at N = 2,000, K = 18 (box 96, 8 A), 1.09x at N = 8,000, K = 18,
-1.14x at N = 2,000, K = 64, 1.34x at N = 8,000, K = 48 (box 192, 4 A), 1.22x / 1.29x at N = 8,000 /
-16,000, K = 85 (box 256, 3 A). The torch code remains what CUDA and float64 (gradcheck) run.
+full-size kernels.
 
-Measured on the shared 2-core machine (1 thread: with other jobs on the cores, load ~8, 2-thread
-timings were dominated by OpenMP threads waiting for each other; ratios are from interleaved rounds
-in one run, 2026-11-24): 5.2-9.4x the autograd separable baseline over N = 2,000 / 8,000 / 16,000,
-boxes 96 / 192 / 256 and cuts 8 / 4 / 3 A (7.2-9.4x for N >= 8,000), at 0.18-0.51 of the roofline
-(3 bmm at the matmul rate measured in the same rounds): 0.28-0.51 once K >= 48, while at K = 18-36 the
-elementwise passes over the ``(B, N, K+1)`` tables dominate. On the quiet machine with 2 threads
-(2026-12-02, with the compiled tables; the 1024^3 matmul ran at 284-353 GFLOP/s): 5.6-10.1x the
-baseline over all 27 grid points, and 0.08-0.37 of that roofline (0.08-0.14 at K = 18-24, 0.15-0.24
-at K = 32-48, 0.27-0.37 at K >= 64). At small K the whole step is a few ms: the FRC loss and the
-rotations' autograd alone take 1.3 ms of the 2.5 ms that 3x the roofline allows at N = 2,000, K = 18,
-and the three bmm, on small matrices, run at about half MKL's peak even with their operands in cache;
-the tables' sin/cos per Gaussian and particle cost as
-much as the products. Memory: the tables autograd keeps are ``16 N (K+1)`` bytes per particle; a
-step's peak RSS growth was 14 / 37 / 161 / 530 MB at batch
-1 / 4 / 16 / 64 (N = 8,000, box 192, 4 A), i.e. linear in the batch. The phase tables ``e^{i n t}`` come from a doubling recurrence
+On the CPU in float32 (what refinement runs there), :class:`_FusedProjection` does all of it in the C
+kernels of :mod:`gmmrefine.native`, per particle and chunk of 256 Gaussians: the image positions from
+the centres, rotation rows and shift (in double), the two tables (one sin/cos per Gaussian, then a
+float recurrence along frequency restarted every 8 entries from double-precision anchors), and their
+block product by the BLAS ``sgemm`` torch links, while the tables are still in cache. The backward
+rebuilds the tables instead of saving them and returns the gradients to centres, amplitudes, widths,
+rotation rows and shifts itself, so autograd keeps only the inputs (2.5 MB per batch of 16 at
+N = 8,000, box 192, 4 A; 98.7 MB when the tables were saved) and no graph below the projection.
+Measured against the torch path on the same CPU in one run (projections + gradients, 2 threads, batch
+16): 3.3x at N = 2,000, K = 18 (box 96, 8 A), 3.5x at N = 8,000, K = 18, 2.7x at N = 8,000, K = 48
+(box 192, 4 A), 2.6x at N = 16,000, K = 85 (box 256, 3 A); against the float64 formula its error is
+2-3e-7 overall and <= 6.5e-7 per ring (N = 5,000 / 16,000, K = 65 / 85). The torch path (``_tables``,
+``bmm``, ``_table_sums``, on chunks of Gaussians so that temporaries are reused heap memory) is what
+CUDA and float64 (gradcheck) run, and what the CPU runs if torch's BLAS exports no ``sgemm_``.
+
+Measured (benchmarks/projection.py, 2026-12-02, 2 threads of the 2-core machine, batch 16, every
+rate from interleaved rounds of one run; the 1024^3 float32 matmul ran at 142-194 GFLOP/s across the
+rows): projections + gradients 10-27x the autograd separable baseline over N = 2,000 / 8,000 /
+16,000, boxes 96 / 192 / 256 and cuts 8 / 4 / 3 A, at 0.34-1.06 of the FLOP roofline (the three
+products at the matmul rate of the same rounds; above 1 the 2-thread 1024^3 product is slower than
+two single-threaded small ones) on 26 of the 27 points, and 0.26 on the last (N = 8,000, K = 18, whose
+refine step in the same row ran faster than its projector alone: a disturbed row; rerun, 0.50). The
+smallest bands are the tightest: at N = 2,000, K = 18 a batch takes ~4.6 ms, of which the kernels
+~3.5 ms (MKL's sgemm on 38 x 38 blocks runs at ~2/3 of its 1024^3 rate) and the Python and
+autograd around them ~1 ms. The refine step (axis-angle rotations and the FRC loss added) meets 3x
+of the roofline except at N = 2,000, K = 18-24 (0.25-0.33), where those add ~1.2 ms. Memory: a
+step's peak RSS growth was 6.1 / 7.2 / 12.9 / 30.4 MB at batch 1 / 4 / 16 / 64 (N = 8,000, box 192,
+4 A): linear in the batch, 0.4 MB per particle. The torch path's phase tables ``e^{i n t}`` come from a doubling recurrence
 (one sin/cos per Gaussian, then entries ``n..2n-1`` = entries ``0..n-1`` times ``e^{i n t}``): measured
 1.36x / 1.16x / 1.21x faster steps than one sin and one cos per entry at K = 18 / 48 / 85 (N = 8,000),
 same accuracy (tests: <= 4e-6 relative per ring against float64). ``torch.polar`` was slower than
