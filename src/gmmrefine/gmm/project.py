@@ -40,18 +40,20 @@ Measured against the torch path on the same CPU in one run (projections + gradie
 ``bmm``, ``_table_sums``, on chunks of Gaussians so that temporaries are reused heap memory) is what
 CUDA and float64 (gradcheck) run, and what the CPU runs if torch's BLAS exports no ``sgemm_``.
 
-Measured (benchmarks/projection.py, 2026-12-02, 2 threads of the 2-core machine, batch 16, every
-rate from interleaved rounds of one run; the 1024^3 float32 matmul ran at 142-194 GFLOP/s across the
-rows): projections + gradients 10-27x the autograd separable baseline over N = 2,000 / 8,000 /
-16,000, boxes 96 / 192 / 256 and cuts 8 / 4 / 3 A, at 0.34-1.06 of the FLOP roofline (the three
-products at the matmul rate of the same rounds; above 1 the 2-thread 1024^3 product is slower than
-two single-threaded small ones) on 26 of the 27 points, and 0.26 on the last (N = 8,000, K = 18, whose
-refine step in the same row ran faster than its projector alone: a disturbed row; rerun, 0.50). The
-smallest bands are the tightest: at N = 2,000, K = 18 a batch takes ~4.6 ms, of which the kernels
-~3.5 ms (MKL's sgemm on 38 x 38 blocks runs at ~2/3 of its 1024^3 rate) and the Python and
-autograd around them ~1 ms. The refine step (axis-angle rotations and the FRC loss added) meets 3x
-of the roofline except at N = 2,000, K = 18-24 (0.25-0.33), where those add ~1.2 ms. Memory: a
-step's peak RSS growth was 6.1 / 7.2 / 12.9 / 30.4 MB at batch 1 / 4 / 16 / 64 (N = 8,000, box 192,
+Measured (benchmarks/projection.py, 2026-12-02, two full runs on 2 threads of the 2-core machine,
+batch 16, every rate from interleaved rounds of its run; the 1024^3 float32 matmul ran at 98-194
+GFLOP/s across the rows): projections + gradients 10-27x the autograd separable baseline over N =
+2,000 / 8,000 / 16,000, boxes 96 / 192 / 256 and cuts 8 / 4 / 3 A, at 0.40-1.03 of the FLOP roofline
+(the three products at the matmul rate of the same rounds; near or above 1 the 2-thread 1024^3
+product ran slower than two single-threaded small ones) on all 27 points of the second run, and on
+26 of the first (the 27th, N = 8,000, K = 18, at 0.26, its refine step in the same row faster than
+its projector alone: a disturbed row). The smallest bands are the tightest: at N = 2,000, K = 18 a
+batch takes ~4.6 ms, of which the kernels ~3.5 ms (MKL's sgemm on 38 x 38 blocks runs at ~2/3 of its
+1024^3 rate) and the Python and autograd around them ~1 ms. The refine step (axis-angle rotations
+and the FRC loss added, ~1.2 ms at small N) is within 3x of the roofline at K >= 36 in both runs;
+at K = 18-32 it ran at 0.27-0.79, below 1/3 at N = 2,000, K = 18 in both runs and at 2 more points
+in one. Memory: a
+step's peak RSS growth was 6.0 / 7.4 / 13.1 / 28.9 MB at batch 1 / 4 / 16 / 64 (N = 8,000, box 192,
 4 A): linear in the batch, 0.4 MB per particle. The torch path's phase tables ``e^{i n t}`` come from a doubling recurrence
 (one sin/cos per Gaussian, then entries ``n..2n-1`` = entries ``0..n-1`` times ``e^{i n t}``): measured
 1.36x / 1.16x / 1.21x faster steps than one sin and one cos per entry at K = 18 / 48 / 85 (N = 8,000),
