@@ -24,7 +24,6 @@ import ctypes
 import glob
 import os
 import importlib.util
-import math
 import warnings
 from functools import lru_cache
 
