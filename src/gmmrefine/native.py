@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import os
 import importlib.util
+import os
 import warnings
 from functools import lru_cache
 
