@@ -354,50 +354,38 @@ class _SeparableProjection(torch.autograd.Function):
         if g_im is None:
             g_im = torch.zeros_like(g_re)
         batch = g_re.shape[0]
-        rx, ry = _tensor_backward(g_re, g_im, gather, sign, weights, rest, k1)
-        return _parameter_gradients(ctx, rx, ry, ascale, amp_b, width_b, batch)
-
-
-def _tensor_backward(g_re, g_im, gather, sign, weights, tables, k1):
-    """The torch path's backward sums ``(rx, ry)``, each ``(B, N, 3)``, from the saved tables."""
-    batch = g_re.shape[0]
-    g_blocks = torch.zeros(batch, 4 * k1 * k1, dtype=g_re.dtype, device=g_re.device)
-    g_blocks.index_add_(1, gather[0], g_re)
-    g_blocks.index_add_(1, gather[3], -sign * g_re)
-    g_blocks.index_add_(1, gather[2], -sign * g_im)
-    g_blocks.index_add_(1, gather[1], -g_im)
-    g_blocks = g_blocks.view(batch, 2 * k1, 2 * k1)
-    # Negating the sin columns (rows) makes the products below the conjugate table gradients.
-    flip = torch.ones(2 * k1, dtype=g_re.dtype, device=g_re.device)
-    flip[1::2] = -1.0
-    g_rows = g_blocks * flip
-    g_cols = g_blocks.transpose(1, 2) * flip
-    sums_x, sums_y = [], []
-    for x0, y0 in zip(tables[0::2], tables[1::2]):
-        h_conj = torch.bmm(y0.expand(batch, -1, -1), g_rows)    # conj(d/dX0) / a   (B, n, 2K1)
-        g_conj = torch.bmm(x0.expand(batch, -1, -1), g_cols)    # conj(d/dY0) / a
-        sums_x.append(_table_sums(h_conj, x0, weights))
-        sums_y.append(_table_sums(g_conj, y0, weights))
-    rx = torch.cat(sums_x, 1) if len(sums_x) > 1 else sums_x[0]
-    ry = torch.cat(sums_y, 1) if len(sums_y) > 1 else sums_y[0]
-    return rx, ry
-
-
-def _parameter_gradients(ctx, rx, ry, ascale, amp_b, width_b, batch):
-    """Gradients to positions, amplitudes and widths from the backward sums over frequency."""
-    pos_shape, amp_shape, width_shape = ctx.shapes
-    a = ascale.expand(batch, -1)
-    d_pos = torch.stack([rx[..., 2], ry[..., 2]], -1) * (-a[..., None])
-    if pos_shape[0] != batch:
-        d_pos = d_pos.sum(0, keepdim=True)
-    d_ascale = rx[..., 0]                                           # (B, N)
-    s = width_b
-    d_width = (-4 * math.pi**2) * s * a * (rx[..., 1] + ry[..., 1])
-    d_width = d_width + d_ascale * amp_b * (3 * ctx.kappa) * s**2
-    d_amp = d_ascale * ctx.kappa * s**3
-    d_amp = d_amp.sum_to_size(amp_shape) if len(amp_shape) == 2 else d_amp.sum(0)
-    d_width = d_width.sum_to_size(width_shape) if len(width_shape) == 2 else d_width.sum(0)
-    return d_pos, d_amp, d_width, None, None, None, None, None, None, None
+        g_blocks = torch.zeros(batch, 4 * k1 * k1, dtype=g_re.dtype, device=g_re.device)
+        g_blocks.index_add_(1, gather[0], g_re)
+        g_blocks.index_add_(1, gather[3], -sign * g_re)
+        g_blocks.index_add_(1, gather[2], -sign * g_im)
+        g_blocks.index_add_(1, gather[1], -g_im)
+        g_blocks = g_blocks.view(batch, 2 * k1, 2 * k1)
+        # Negating the sin columns (rows) makes the products below the conjugate table gradients.
+        flip = torch.ones(2 * k1, dtype=g_re.dtype, device=g_re.device)
+        flip[1::2] = -1.0
+        g_rows = g_blocks * flip
+        g_cols = g_blocks.transpose(1, 2) * flip
+        sums_x, sums_y = [], []
+        for x0, y0 in zip(rest[0::2], rest[1::2]):
+            h_conj = torch.bmm(y0.expand(batch, -1, -1), g_rows)    # conj(d/dX0) / a   (B, n, 2K1)
+            g_conj = torch.bmm(x0.expand(batch, -1, -1), g_cols)    # conj(d/dY0) / a
+            sums_x.append(_table_sums(h_conj, x0, weights))
+            sums_y.append(_table_sums(g_conj, y0, weights))
+        rx = torch.cat(sums_x, 1) if len(sums_x) > 1 else sums_x[0]
+        ry = torch.cat(sums_y, 1) if len(sums_y) > 1 else sums_y[0]
+        pos_shape, amp_shape, width_shape = ctx.shapes
+        a = ascale.expand(batch, -1)
+        d_pos = torch.stack([rx[..., 2], ry[..., 2]], -1) * (-a[..., None])
+        if pos_shape[0] != batch:
+            d_pos = d_pos.sum(0, keepdim=True)
+        d_ascale = rx[..., 0]                                           # (B, N)
+        s = width_b
+        d_width = (-4 * math.pi**2) * s * a * (rx[..., 1] + ry[..., 1])
+        d_width = d_width + d_ascale * amp_b * (3 * ctx.kappa) * s**2
+        d_amp = d_ascale * ctx.kappa * s**3
+        d_amp = d_amp.sum_to_size(amp_shape) if len(amp_shape) == 2 else d_amp.sum(0)
+        d_width = d_width.sum_to_size(width_shape) if len(width_shape) == 2 else d_width.sum(0)
+        return d_pos, d_amp, d_width, None, None, None, None, None, None, None
 
 
 def _fused(centers_A: torch.Tensor, amplitudes: torch.Tensor, widths_A: torch.Tensor,
