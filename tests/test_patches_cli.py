@@ -182,7 +182,6 @@ def test_from_job_starts_at_the_jobs_poses_and_gmms(runs):
         start = GaussianMixture.load(out / "it000" / f"gmm_half{h}.npz")
         last = GaussianMixture.load(job / "it001" / f"gmm_half{h}.npz")
         assert np.array_equal(start.centers_A.numpy(), last.centers_A.numpy())
-        assert GaussianMixture.load(out / "it001" / f"gmm_half{h}.npz").n == last.n  # warm-started
         fsc = fourier_shell_correlation(torch.as_tensor(read_map(out / "it000" / f"half{h}.mrc")[0]),
                                         torch.as_tensor(read_map(job / "final" / f"half{h}.mrc")[0]))
         assert fsc[1:].min() > 0.999  # the job's final poses (as its STAR file stores them)

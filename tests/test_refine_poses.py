@@ -1,5 +1,7 @@
-"""Pose optimiser: particles simulated from a known GMM, poses perturbed by 4 degrees and ~1 A."""
+"""The paper's pose optimiser (Adam on the FRC): particles simulated from a known GMM, poses perturbed by 4
+degrees and ~1 A. The Newton optimiser is tested in test_refine_newton.py."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,6 +16,7 @@ from gmmrefine.io.models import read_atoms
 from gmmrefine.refine.poses import PoseSettings, particle_band, refine_poses
 
 BOX, APIX, N = 64, 1.8, 160
+PAPER = PoseSettings(optimiser="paper", objective="frc")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def data(adk_open_pdb):
 def _iterate(d, images, rot, t, n_iter):
     parts = particle_band(images, d["band"])
     for _ in range(n_iter):
-        res = refine_poses(d["gmm"], parts, rot, t, d["band"])
+        res = refine_poses(d["gmm"], parts, rot, t, d["band"], PAPER)
         rot, t = res.rotations, res.translation_px
     return res
 
@@ -70,8 +73,8 @@ def test_oracle_stays_at_truth_without_noise(data):
 def test_batch_size_does_not_change_results(data):
     d = data
     parts = particle_band(d["noisy"][:24], d["band"])
-    a = refine_poses(d["gmm"], parts, d["rot0"][:24], d["t0"][:24], d["band"], PoseSettings(batch=16))
-    b = refine_poses(d["gmm"], parts, d["rot0"][:24], d["t0"][:24], d["band"], PoseSettings(batch=5))
+    a = refine_poses(d["gmm"], parts, d["rot0"][:24], d["t0"][:24], d["band"], dataclasses.replace(PAPER, batch=16))
+    b = refine_poses(d["gmm"], parts, d["rot0"][:24], d["t0"][:24], d["band"], dataclasses.replace(PAPER, batch=5))
     torch.testing.assert_close(a.rotations, b.rotations, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.translation_px, b.translation_px, atol=1e-4, rtol=0)
 
@@ -95,9 +98,9 @@ def test_ctf_modulated_particles_flip_and_full_both_refine(data):
         rot, t = d["rot0"][:n], d["t0"][:n]
         for _ in range(3):
             if mode == "flip":
-                res = refine_poses(d["gmm"], particle_band(images, d["band"], ctf), rot, t, d["band"])
+                res = refine_poses(d["gmm"], particle_band(images, d["band"], ctf), rot, t, d["band"], PAPER)
             else:
-                res = refine_poses(d["gmm"], particle_band(images, d["band"]), rot, t, d["band"],
+                res = refine_poses(d["gmm"], particle_band(images, d["band"]), rot, t, d["band"], PAPER,
                                    ctf=d["band"].gather(ctf))
             rot, t = res.rotations, res.translation_px
         after = rotation_angle_deg(rot, d["rot"][:n]).mean().item()

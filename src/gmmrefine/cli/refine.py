@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from gmmrefine.errors import InputError
+from gmmrefine.refine.poses import DEFAULT_PRIOR_A, DEFAULT_PRIOR_DEG, OBJECTIVES, OPTIMISERS
 
 COMMAND = "refine"
 HELP = "refine every particle's pose against GMMs of its own half set (gold standard, resumable)"
@@ -35,8 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--particles", type=Path, default=None,
                         help="RELION STAR (3.0-5) or cryoSPARC .cs of a consensus refinement (or give --from-job)")
     parser.add_argument("--out", type=Path, required=True, help="job folder (must not exist unless --continue)")
-    parser.add_argument("--iterations", type=int, default=None,
-                        help="global refinement iterations (default 5; 0 with --from-job and --patches/--add-patch)")
+    parser.add_argument("--iterations", default=None,
+                        help="global refinement iterations, or auto: until the poses move less than their precision "
+                             "and the resolution stops improving, at most --max-iterations (default: auto; 0 with "
+                             "--from-job and --patches/--add-patch)")
+    parser.add_argument("--max-iterations", type=int, default=10, help="most iterations of --iterations auto")
     parser.add_argument("--resolution-start", default="auto",
                         help="band limit of the first iteration in A, or 'auto' (each half's own estimate)")
     parser.add_argument("--minres", type=float, default=50.0, help="low-resolution end of the FRC band, A")
@@ -45,11 +49,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or auto: the paper's 16 on the CPU, as many as half the free GPU memory holds on CUDA")
     parser.add_argument("--chunk", type=int, default=20000,
                         help="particles read into memory at a time (at most 64 MB of images whatever the number)")
-    parser.add_argument("--steps", type=int, default=10, help="Adam steps per particle and iteration")
+    parser.add_argument("--optimiser", choices=OPTIMISERS, default="newton",
+                        help="newton: Fisher-scoring steps on the SNR-weighted objective with a prior on each "
+                             "iteration's move, taken only if they improve it; paper: Adam, --steps steps of --lr")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=None,
+                        help="snr: ring correlations weighted by their signal-to-noise (the pose's log-likelihood); "
+                             "frc: the paper's mean FRC (default: snr with --optimiser newton, frc with paper)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="most steps per particle and iteration (default: 8 newton steps, 10 Adam steps)")
+    parser.add_argument("--prior-deg", type=float, default=DEFAULT_PRIOR_DEG,
+                        help="newton: prior standard deviation of one iteration's rotation, degrees per axis")
+    parser.add_argument("--prior-A", type=float, default=DEFAULT_PRIOR_A,
+                        help="newton: prior standard deviation of one iteration's shift, angstrom per axis")
     parser.add_argument("--lr", type=float, default=1e-3,
-                        help="Adam learning rate (rotation unit 2 rad, shift unit 1 box: see refine/poses.py)")
-    parser.add_argument("--ctf", choices=("flip", "full"), default="flip",
-                        help="flip: compare with phase-flipped particles (paper); full: multiply projections by the CTF")
+                        help="paper: Adam learning rate (a rotation unit is 2 radians, a shift unit the box)")
+    parser.add_argument("--ctf", choices=("flip", "full"), default="full",
+                        help="full: multiply the GMM projections by each particle's CTF (the matched filter; "
+                             "measured more accurate at low SNR); flip: compare with phase-flipped particles (paper)")
     parser.add_argument("--gmm-steps", type=int, default=150, help="Adam steps of each GMM fit to a half map")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     parser.add_argument("--seed", type=int, default=0, help="random seed (GMM seeding)")
@@ -118,12 +134,23 @@ def _params(args) -> dict:
         raise InputError("--add-patch works in C1 without --focus-mask (the added patch is itself a focused "
                          "refinement, in the hetero job's mask).", field="--add-patch")
     patch_work = args.from_job is not None and (args.patches is not None or args.add_patch is not None)
-    if args.iterations is None:
-        args.iterations = 0 if patch_work else 5
+    iterations = str(args.iterations if args.iterations is not None else (0 if patch_work else "auto")).strip().lower()
+    if iterations != "auto":
+        try:
+            iterations = int(iterations)
+        except ValueError:
+            iterations = -1
     min_iterations = 0 if patch_work else 1
-    checks = [("--iterations", args.iterations >= min_iterations,
-               "an integer >= 1 (0 only with --from-job and --patches or --add-patch)"),
-              ("--chunk", args.chunk >= 1, "an integer >= 1"), ("--steps", args.steps >= 0, "an integer >= 0"),
+    objective = args.objective or ("snr" if args.optimiser == "newton" else "frc")
+    checks = [("--iterations", iterations == "auto" or iterations >= min_iterations,
+               "auto or an integer >= 1 (0 only with --from-job and --patches or --add-patch)"),
+              ("--max-iterations", args.max_iterations >= 1, "an integer >= 1"),
+              ("--objective", args.optimiser == "paper" or objective == "snr",
+               "snr with --optimiser newton (its steps and precision come from the SNR weights)"),
+              ("--prior-deg", math.isfinite(args.prior_deg) and args.prior_deg > 0, "a positive angle in degrees"),
+              ("--prior-A", math.isfinite(args.prior_A) and args.prior_A > 0, "a positive distance in A"),
+              ("--chunk", args.chunk >= 1, "an integer >= 1"),
+              ("--steps", args.steps is None or args.steps >= 0, "an integer >= 0"),
               ("--gmm-steps", args.gmm_steps >= 1, "an integer >= 1"),
               ("--lr", math.isfinite(args.lr) and args.lr > 0, "a positive number"),
               ("--minres", math.isfinite(args.minres) and args.minres > 0, "a positive resolution in A"),
@@ -136,9 +163,11 @@ def _params(args) -> dict:
     from_job = None if args.from_job is None else Path(args.from_job).resolve()
     particles = (from_job / "final" / "particles.star") if from_job is not None else Path(args.particles).resolve()
     return {
-        "particles": str(particles), "iterations": int(args.iterations), "resolution_start": res,
-        "minres": float(args.minres), "batch": batch, "chunk": int(args.chunk), "steps": int(args.steps),
-        "lr": float(args.lr), "ctf": args.ctf, "reconstruct_ctf": "wiener", "rotation_unit_rad": 2.0,
+        "particles": str(particles), "iterations": iterations, "max_iterations": int(args.max_iterations),
+        "resolution_start": res, "minres": float(args.minres), "batch": batch, "chunk": int(args.chunk),
+        "optimiser": args.optimiser, "objective": objective,
+        "steps": None if args.steps is None else int(args.steps), "prior_deg": float(args.prior_deg),
+        "prior_A": float(args.prior_A), "lr": float(args.lr), "ctf": args.ctf, "reconstruct_ctf": "wiener", "rotation_unit_rad": 2.0,
         "translation_unit_px": None, "gmm_steps": int(args.gmm_steps), "device": str(args.device), "seed": int(args.seed),
         "project_dir": None if args.project_dir is None else str(Path(args.project_dir).resolve()),
         "from_job": None if from_job is None else str(from_job),
@@ -170,13 +199,14 @@ def finish(job, ps, histories: list[dict]) -> dict:
     from gmmrefine.io.mrc import read_map, write_map
     from gmmrefine.io.particles import write_particles_star
     from gmmrefine.pipeline.report import write_report
-    from gmmrefine.refine.global_refine import current_poses, it_dir
+    from gmmrefine.refine.global_refine import current_poses, current_precision, it_dir
 
     last = histories[-1]
     k = last["iteration"]
     final = job.dir("final")
     angles, shifts = current_poses(job, ps, k)
-    write_particles_star(ps, final / "particles.star", angles, shifts, absolute_image_paths=True)
+    write_particles_star(ps, final / "particles.star", angles, shifts, current_precision(job, ps, k),
+                         absolute_image_paths=True)
     halves = []
     for h in (1, 2):
         src = job.path / it_dir(k) / f"half{h}.mrc"
@@ -189,7 +219,9 @@ def finish(job, ps, histories: list[dict]) -> dict:
                "iterations": k, "n_particles": len(ps),
                "per_iteration": [{key: h.get(key) for key in ("iteration", "resolution_A", "half_resolution_A",
                                                                 "mean_change_deg", "std_change_deg",
-                                                                "mean_change_px", "std_change_px", "seconds")}
+                                                                "mean_change_px", "std_change_px", "seconds",
+                                                                "median_precision_deg", "median_precision_A",
+                                                                "convergence")}
                                  for h in histories]}
     write_json_atomic(final / "summary.json", summary)
     report = write_report(job.path, extra_rows=_extra_rows(job, ps, histories))

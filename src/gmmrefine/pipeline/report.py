@@ -92,6 +92,67 @@ def load_changes(job_path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
     return out
 
 
+def load_precision(job_path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(iteration, precision_deg (N,), precision_A (N,))`` of the iterations that estimated one."""
+    out = []
+    for d in iteration_dirs(job_path):
+        deg, ang = [], []
+        for f in sorted(d.glob("poses_half*.npz")):
+            with np.load(f) as z:
+                if "precision_deg" in z.files:
+                    deg.append(z["precision_deg"])
+                    ang.append(z["precision_A"])
+        if deg and np.isfinite(np.concatenate(deg)).any():
+            out.append((int(d.name[2:]), np.concatenate(deg), np.concatenate(ang)))
+    return out
+
+
+def load_ring_snr(job_path: Path) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """``(iteration, half, frequency (1/A) (R,), SNR (R,))`` of every half pass that measured its ring SNR."""
+    out = []
+    for d in iteration_dirs(job_path):
+        for h in (1, 2):
+            f = d / f"half{h}_resolution.json"
+            info = json.loads(f.read_text()) if f.is_file() else {}
+            if "ring_snr" in info:
+                fsc = json.loads((d / "fsc.json").read_text())
+                step = fsc["frequency_inv_A"][1] if len(fsc["frequency_inv_A"]) > 1 else 1.0
+                out.append((int(d.name[2:]), h, np.asarray(info["ring_snr"]["shell"]) * step,
+                            np.asarray(info["ring_snr"]["snr"])))
+    return out
+
+
+def plot_precision(precision: list[tuple[int, np.ndarray, np.ndarray]],
+                   ring_snr: list[tuple[int, int, np.ndarray, np.ndarray]], path: Path) -> None:
+    """Per-particle precision (expected angular and shift error) per iteration, and the per-ring SNR the
+    objective was weighted by."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
+    max_deg = max([float(np.nanpercentile(d, 99)) for _, d, _ in precision] + [1e-3])
+    max_A = max([float(np.nanpercentile(a, 99)) for _, _, a in precision] + [1e-3])
+    for k, deg, ang in precision:
+        axes[0].hist(deg, bins=np.linspace(0, max_deg, 41), histtype="step",
+                     label=f"it {k}: median {np.nanmedian(deg):.2f} deg")
+        axes[1].hist(ang, bins=np.linspace(0, max_A, 41), histtype="step",
+                     label=f"it {k}: median {np.nanmedian(ang):.2f} A")
+    axes[0].set_xlabel("angular precision (expected error, degrees)")
+    axes[1].set_xlabel("shift precision (expected error, A)")
+    for ax in axes[:2]:
+        ax.set_ylabel("particles")
+        ax.legend(fontsize=8)
+    for k, h, freq, snr in ring_snr:
+        axes[2].semilogy(freq, np.maximum(snr, 1e-6), ls="-" if h == 1 else "--", label=f"it {k} half {h}")
+    axes[2].set_xlabel("spatial frequency (1/A)")
+    axes[2].set_ylabel("SNR per ring (CTF-free)")
+    if ring_snr:
+        axes[2].legend(fontsize=7, ncol=2)
+    fig.suptitle("Pose precision per particle, and the per-ring SNR that weighted the objective")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
 def plot_patches(plan: dict, job_path: Path, path: Path) -> None:
     """GMM centres of each half (rows) in two projections (columns), coloured by matched patch ``pNN``."""
     import torch
@@ -189,9 +250,12 @@ def write_report(job_path: Path, *, extra_rows: dict[str, str] | None = None) ->
     final.mkdir(parents=True, exist_ok=True)
     histories = [json.loads((d / "fsc.json").read_text()) for d in iteration_dirs(job_path)]
     changes = load_changes(job_path)
+    precision = load_precision(job_path)
     plot_fsc(histories, final / "fsc.png")
     if changes:
         plot_pose_changes(changes, final / "pose_changes.png")
+    if precision:
+        plot_precision(precision, load_ring_snr(job_path), final / "pose_precision.png")
     job = json.loads((job_path / "job.json").read_text())
     rows = []
     for h in histories:
@@ -205,13 +269,21 @@ def write_report(job_path: Path, *, extra_rows: dict[str, str] | None = None) ->
                 "" if k == 0 else f"{h['mean_change_deg']:.2f} &plusmn; {h['std_change_deg']:.2f}",
                 "" if k == 0 else f"{h['mean_change_px']:.2f} &plusmn; {h['std_change_px']:.2f}",
                 "" if k == 0 else " / ".join(str(v) for v in h.get("n_gaussians", {}).values()),
+                "" if "median_precision_deg" not in h else
+                f"{h['median_precision_deg']:.2f} / {h['median_precision_A']:.2f}",
                 "" if k == 0 else f"{h.get('seconds', 0.0):.0f}",
+                html.escape(h.get("convergence", {}).get("reason", "")),
             )) + "</tr>")
     params = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                      for k, v in job["params"].items())
     extra = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
                     for k, v in (extra_rows or {}).items())
     pose_img = '<img src="pose_changes.png" alt="pose changes">' if changes else ""
+    precision_section = ("<h2>Pose precision</h2><p>Each particle's expected angular and shift error, from the "
+                         "curvature of its SNR-weighted objective (Fisher information), written to "
+                         "<code>final/particles.star</code> as <code>gmmAngularPrecisionDeg</code> and "
+                         "<code>gmmShiftPrecisionAngst</code>.</p>"
+                         '<img src="pose_precision.png" alt="pose precision">') if precision else ""
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>gmmrefine refine: {html.escape(job_path.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
@@ -221,11 +293,13 @@ td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}}img{{max-width:10
 versions: {html.escape(', '.join(f'{k} {v}' for k, v in job.get('versions', {}).items()))}</p>
 <h2>Iterations</h2>
 <table><tr><th>iteration</th><th>gold-standard resolution (A, FSC 0.143)</th><th>half 1 / half 2 own estimate (A)</th>
-<th>rotation change (deg)</th><th>shift change (px)</th><th>Gaussians half 1 / 2</th><th>time (s)</th></tr>
+<th>rotation change (deg)</th><th>shift change (px)</th><th>Gaussians half 1 / 2</th>
+<th>precision, median (deg / A)</th><th>time (s)</th><th>convergence</th></tr>
 {''.join(rows)}</table>
 {'<h2>Result</h2><table>' + extra + '</table>' if extra else ''}
 <h2>FSC</h2><img src="fsc.png" alt="FSC per iteration">
 <h2>Pose changes</h2>{pose_img}
+{precision_section}
 {patch_section(job_path)}<h2>Outputs</h2><p><code>final/particles.star</code> (refined poses, every input column kept),
 <code>final/half1.mrc</code>, <code>final/half2.mrc</code>, <code>final/map.mrc</code> (average of the halves,
 low-pass filtered to the final resolution); per iteration <code>itNNN/</code>: half maps, GMMs

@@ -42,8 +42,8 @@ from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import fourier_band
 from gmmrefine.io.atomic import atomic_path, write_json_atomic
 from gmmrefine.io.mrc import read_map, write_map
-from gmmrefine.refine.poses import (DEFAULT_BATCH, PoseSettings, batch_for_memory, free_memory_bytes, particle_band,
-                                    refine_poses)
+from gmmrefine.refine.poses import (DEFAULT_BATCH, DEFAULT_PRIOR_A, DEFAULT_PRIOR_DEG, PoseSettings, batch_for_memory, free_memory_bytes, particle_band,
+                                    pose_precision, refine_poses, ring_correlations_at)
 
 HALVES = (1, 2)
 CTF_COMPARISONS = ("flip", "full")
@@ -54,7 +54,9 @@ class RefineSettings:
     """Settings of a global refinement (the CLI's options).
 
     Attributes:
-        iterations: refinement iterations.
+        iterations: refinement iterations; None: until converged (:func:`convergence`), at most
+            ``max_iterations``.
+        max_iterations: the most iterations when ``iterations`` is None.
         resolution_start_A: band limit of the first iteration; None measures it per half from the
             input poses.
         minres_A: low-resolution end of the FRC band.
@@ -73,11 +75,12 @@ class RefineSettings:
             :func:`gmmrefine.reconstruct.invert.symmetry_matrices`).
     """
 
-    iterations: int = 5
+    iterations: int | None = 5
+    max_iterations: int = 10
     resolution_start_A: float | None = None
     minres_A: float = 50.0
     chunk: int = 20000
-    ctf: str = "flip"
+    ctf: str = "full"
     reconstruct_ctf: str = "wiener"
     pose: PoseSettings = field(default_factory=PoseSettings)
     gmm_steps: int = 150
@@ -129,12 +132,16 @@ class HalfPass:
         indices: ``(n,)`` particle indices of the half (input order).
         angles_deg, shift_A: ``(n, 3)``, ``(n, 2)`` poses after the pass (float64).
         frc_start, frc_end: ``(n,)`` band FRC before and after refinement (NaN without refinement).
+        precision_deg, precision_A: ``(n,)`` expected angular and shift error of each refined pose
+            (:func:`gmmrefine.refine.poses.pose_precision`; NaN without the Newton optimiser).
         half_map: ``(D, D, D)`` float32 map of the half at the new poses.
         quarter_fsc: ``(D//2+1,)`` FSC between the half's even and odd particles' maps.
         seconds: wall time of the pass.
         apix: pixel size (A/px).
         batch: particles per pose batch it used.
         resumed_rows: particles of the half whose results came from a checkpoint (all ranks).
+        ring_snr: ``(R,)`` per-ring SNR the objective was weighted by (:mod:`gmmrefine.refine.snr`),
+            with ``ring_shell`` ``(R,)`` the integer Fourier shell of each ring; None if not measured.
     """
 
     indices: np.ndarray
@@ -148,6 +155,10 @@ class HalfPass:
     apix: float
     batch: int = DEFAULT_BATCH
     resumed_rows: int = 0
+    precision_deg: np.ndarray | None = None
+    precision_A: np.ndarray | None = None
+    ring_snr: np.ndarray | None = None
+    ring_shell: np.ndarray | None = None
 
     @property
     def resolution_A(self) -> float:
@@ -217,7 +228,10 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     new_shift = np.array(shift_A[indices], dtype=np.float64)
     frc_start = np.full(n, np.nan)
     frc_end = np.full(n, np.nan)
+    precision_deg = np.full(n, np.nan)
+    precision_A = np.full(n, np.nan)
     band = None
+    ring_snr = None
     pose = settings.pose
     if gmm is not None:
         band = fourier_band(ps.box, ps.apix, settings.minres_A, maxres_A, device=device)
@@ -225,13 +239,16 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
         pose = resolve_batch(pose, device, gmm.n, band, ps.box)
         if ctx.active:  # every rank must cut the same blocks: the batch the tightest GPU allows
             pose = dataclasses.replace(pose, batch=distributed.all_min(pose.batch))
+        if pose.needs_snr:
+            # Every rank measures the same sample, so each particle is refined as in one process.
+            ring_snr = measure_ring_snr(ps, indices, new_angles, new_shift, gmm, band, settings.ctf, device)
     block = block_rows(pose.batch or DEFAULT_BATCH, ps.box)
     chunk = chunk_rows(settings.chunk, ps.box, block)
     lo, hi = distributed.shard(n, block)
     my_blocks = [(s, min(s + block, hi)) for s in range(lo, hi, block)]
     n_steps = distributed.max_blocks(n, block)
     accs = {q: FourierAccumulator(ps.box, device=device) for q in (1, 2)}
-    arrays = (new_angles, new_shift, frc_start, frc_end)
+    arrays = (new_angles, new_shift, frc_start, frc_end, precision_deg, precision_A)
     ckpt = None
     if settings.checkpoint_dir is not None:
         key = pass_key(ps, half, angles_deg, shift_A, gmm, maxres_A, settings, pose)
@@ -270,13 +287,8 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
                 shifts = torch.as_tensor(new_shift[rows], device=device, dtype=torch.float64)
                 if gmm is not None:
                     t0 = image_translation_px(shifts, ps.apix).to(torch.float32)
-                    if settings.ctf == "full":
-                        target = particle_band(img, band)
-                        ctf_band = band.gather(ctf)
-                    else:
-                        target = particle_band(img, band, ctf)
-                        ctf_band = None
-                    res = refine_poses(gmm, target, matrices, t0, band, pose, ctf=ctf_band)
+                    target, ctf_band, rho = comparison_inputs(img, ctf, band, settings.ctf, ring_snr)
+                    res = refine_poses(gmm, target, matrices, t0, band, pose, ctf=ctf_band, rho=rho)
                     matrices = res.rotations
                     # origin = -translation * apix; keep float64 where the float32 update adds nothing.
                     shifts = shifts - (res.translation_px.to(torch.float64) - t0.to(torch.float64)) * ps.apix
@@ -284,6 +296,10 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
                     new_shift[rows] = shifts.cpu().numpy()
                     frc_start[rows] = res.frc_start.cpu().numpy()
                     frc_end[rows] = res.frc_end.cpu().numpy()
+                    if res.covariance is not None:
+                        deg, ang = pose_precision(res.covariance, ps.apix)
+                        precision_deg[rows] = deg.cpu().numpy()
+                        precision_A[rows] = ang.cpu().numpy()
                     # Insert at the pose as it will be stored (Euler angles), so a reconstruction
                     # from the written STAR file is the same map.
                     matrices = euler_to_matrix(torch.as_tensor(new_angles[rows], device=device)).to(torch.float32)
@@ -313,7 +329,76 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     release_free_memory()
     return HalfPass(indices=indices, angles_deg=new_angles, shift_A=new_shift, frc_start=frc_start,
                     frc_end=frc_end, half_map=half_map, quarter_fsc=quarter, seconds=time.perf_counter() - t_start,
-                    apix=ps.apix, batch=int(pose.batch or DEFAULT_BATCH), resumed_rows=resumed)
+                    apix=ps.apix, batch=int(pose.batch or DEFAULT_BATCH), resumed_rows=resumed,
+                    precision_deg=precision_deg, precision_A=precision_A,
+                    ring_snr=None if ring_snr is None else ring_snr.cpu().numpy(),
+                    ring_shell=None if band is None else band.shell.cpu().numpy())
+
+
+#: Particles of a half whose ring correlations set the per-ring SNR (spread evenly over the half).
+SNR_SAMPLE = 1000
+
+
+def comparison_inputs(images: torch.Tensor, ctf: torch.Tensor, band, ctf_mode: str,
+                      ring_snr: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What the optimiser compares for a block of particles.
+
+    Args:
+        images: ``(B, D, D)``; ctf: ``(B, D, D//2+1)``; band: the band; ctf_mode: ``"flip"`` or ``"full"``.
+        ring_snr: ``(R,)`` per-ring SNR (:func:`measure_ring_snr`), or None.
+
+    Returns:
+        ``(target (B, P), ctf_band (B, P) or None, rho (B, R) or None)``: the band coefficients (phase
+        flipped with ``flip``), the CTF the projections are multiplied by (``full``), and the expected
+        ring correlations (:func:`gmmrefine.refine.snr.expected_correlation`) when ``ring_snr`` is given.
+    """
+    from gmmrefine.refine.snr import expected_correlation, ring_ctf_moments
+
+    full = band.gather(ctf)
+    target = particle_band(images, band) if ctf_mode == "full" else particle_band(images, band, ctf)
+    rho = None
+    if ring_snr is not None:
+        m1, m2 = ring_ctf_moments(full, band.ring_index, band.n_rings)
+        rho = expected_correlation(ring_snr, m1, m2, ctf_mode)
+    return target, (full if ctf_mode == "full" else None), rho
+
+
+def measure_ring_snr(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray, gmm: GaussianMixture,
+                     band, ctf_mode: str, device) -> torch.Tensor:
+    """Per-ring SNR of a half's particles against the half's GMM at their current poses.
+
+    Measured on :data:`SNR_SAMPLE` particles spread evenly over the half (``indices``, input order), so
+    it depends on this half's particles only (:func:`gmmrefine.refine.snr.fit_ring_snr`).
+
+    Args:
+        ps: the particle set; indices: ``(n,)`` the half's particles.
+        angles_deg, shift_A: ``(n, 3)``, ``(n, 2)`` their current poses (rows of ``indices``).
+        gmm, band, ctf_mode: as the refinement uses them.
+
+    Returns:
+        ``(R,)`` float32 on ``device``.
+    """
+    from gmmrefine.io.particles import read_images
+    from gmmrefine.reconstruct.invert import _ctf_of
+    from gmmrefine.refine.snr import fit_ring_snr, ring_ctf_moments
+
+    n = len(indices)
+    rows = np.unique(np.linspace(0, n - 1, min(n, SNR_SAMPLE)).round().astype(np.int64))
+    step = max(1, CHUNK_BYTES // (ps.box * ps.box * 4))
+    corr, m1s, m2s = [], [], []
+    for s in range(0, len(rows), step):
+        part = rows[s:s + step]
+        idx = indices[part]
+        img = torch.from_numpy(read_images(ps, idx)).to(device)
+        ctf = _ctf_of(ps, idx, device)
+        target, ctf_band, _ = comparison_inputs(img, ctf, band, ctf_mode, None)
+        rot = euler_to_matrix(torch.as_tensor(angles_deg[part], device=device)).to(torch.float32)
+        t0 = image_translation_px(torch.as_tensor(shift_A[part], device=device), ps.apix).to(torch.float32)
+        corr.append(ring_correlations_at(gmm, target, rot, t0, band, ctf=ctf_band))
+        m1, m2 = ring_ctf_moments(band.gather(ctf), band.ring_index, band.n_rings)
+        m1s.append(m1)
+        m2s.append(m2)
+    return fit_ring_snr(torch.cat(corr), torch.cat(m1s), torch.cat(m2s), ctf_mode).to(torch.float32)
 
 
 # Pose batches per block, the unit of work between two safe points (~2 s on these 2 CPU cores at box
@@ -455,7 +540,8 @@ def build_half_gmm(volume: torch.Tensor, apix: float, resolution_A: float, *, in
 # ------------------------------------------------------------------------------------------------
 
 def save_poses(path: Path, p: HalfPass, start_angles: np.ndarray, start_shift: np.ndarray, apix: float) -> None:
-    """``poses_half{h}.npz``: indices, new poses, FRC before/after, pose change (degrees, pixels)."""
+    """``poses_half{h}.npz``: indices, new poses, FRC before/after, pose change (degrees, pixels) and
+    the poses' precision (degrees, angstrom; NaN without the Newton optimiser)."""
     before = euler_to_matrix(torch.as_tensor(start_angles[p.indices]))
     after = euler_to_matrix(torch.as_tensor(p.angles_deg))
     change_deg = rotation_angle_deg(before, after).numpy()
@@ -463,7 +549,13 @@ def save_poses(path: Path, p: HalfPass, start_angles: np.ndarray, start_shift: n
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, indices=p.indices, angles_deg=p.angles_deg, shift_A=p.shift_A, frc_start=p.frc_start,
-                     frc_end=p.frc_end, change_deg=change_deg, change_px=change_px)
+                     frc_end=p.frc_end, change_deg=change_deg, change_px=change_px,
+                     precision_deg=_or_nan(p.precision_deg, len(p.indices)),
+                     precision_A=_or_nan(p.precision_A, len(p.indices)))
+
+
+def _or_nan(values: np.ndarray | None, n: int) -> np.ndarray:
+    return np.full(n, np.nan) if values is None else np.asarray(values, dtype=np.float64)
 
 
 def load_poses(path: Path) -> dict[str, np.ndarray]:
@@ -478,6 +570,11 @@ def _resolution_json(path: Path, p: HalfPass, box: int) -> dict:
     if np.isfinite(p.frc_end).any():
         info["frc_start_mean"] = float(np.nanmean(p.frc_start))
         info["frc_end_mean"] = float(np.nanmean(p.frc_end))
+    if p.ring_snr is not None:
+        info["ring_snr"] = {"shell": p.ring_shell.tolist(), "snr": p.ring_snr.tolist()}
+    if p.precision_deg is not None and np.isfinite(p.precision_deg).any():
+        info["median_precision_deg"] = float(np.nanmedian(p.precision_deg))
+        info["median_precision_A"] = float(np.nanmedian(p.precision_A))
     write_json_atomic(path, info)
     return info
 
@@ -495,18 +592,70 @@ def current_poses(job, ps, k: int) -> tuple[np.ndarray, np.ndarray]:
     return angles, shifts
 
 
+#: Columns of the per-particle precision in ``particles.star`` (RELION ignores unknown columns).
+PRECISION_COLUMNS = {"precision_deg": "gmmAngularPrecisionDeg", "precision_A": "gmmShiftPrecisionAngst"}
+
+
+def current_precision(job, ps, k: int) -> dict[str, np.ndarray]:
+    """Per-particle precision after iteration ``k`` as ``particles.star`` columns
+    (:data:`PRECISION_COLUMNS`); empty if iteration ``k`` has none (``k = 0``, the paper's optimiser)."""
+    if k == 0:
+        return {}
+    out = {key: np.full(len(ps), np.nan) for key in PRECISION_COLUMNS}
+    for h in HALVES:
+        d = load_poses(job.path / it_dir(k) / f"poses_half{h}.npz")
+        for key in PRECISION_COLUMNS:
+            if key in d:
+                out[key][d["indices"]] = d[key]
+    if not np.isfinite(out["precision_deg"]).any():
+        return {}
+    return {PRECISION_COLUMNS[key]: values for key, values in out.items()}
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
-class IterationSummary:
-    iteration: int
-    resolution_A: float
-    half_resolution_A: dict
-    mean_change_deg: float
-    mean_change_px: float
-    seconds: float
+def convergence(previous: dict, current: dict, changes: list[dict], box: int, apix: float) -> dict:
+    """Whether refinement has converged after an iteration (``--iterations auto``), and why.
+
+    Converged when both hold, as RELION's auto-refine decides: the poses moved less than their own
+    precision (root mean square over particles of move / precision below 1, for rotations and for
+    shifts; the precision of the Newton optimiser, :func:`gmmrefine.refine.poses.pose_precision`) and the
+    gold-standard resolution improved by less than one Fourier shell (``res^2 / (box apix)``, the
+    granularity of the FSC it is read from). Without precisions (the paper's optimiser) the
+    resolution alone decides.
+
+    Args:
+        previous, current: ``fsc.json`` of the iteration before and of this one.
+        changes: the ``poses_half{h}.npz`` contents of this iteration.
+        box, apix: box (px) and pixel size (A/px).
+
+    Returns:
+        ``{"converged", "reason", "move_over_precision_deg", "move_over_precision_A", "resolution_gain_A",
+        "shell_A"}``.
+    """
+    deg = np.concatenate([c["change_deg"] for c in changes])
+    shift_A = np.concatenate([c["change_px"] for c in changes]) * apix
+    prec_deg = np.concatenate([c.get("precision_deg", np.full(len(c["change_deg"]), np.nan)) for c in changes])
+    prec_A = np.concatenate([c.get("precision_A", np.full(len(c["change_deg"]), np.nan)) for c in changes])
+    have = np.isfinite(prec_deg) & (prec_deg > 0) & np.isfinite(prec_A) & (prec_A > 0)
+    ratio_deg = float(np.sqrt(np.mean((deg[have] / prec_deg[have]) ** 2))) if have.any() else float("nan")
+    ratio_A = float(np.sqrt(np.mean((shift_A[have] / prec_A[have]) ** 2))) if have.any() else float("nan")
+    gain = previous["resolution_A"] - current["resolution_A"]
+    shell = previous["resolution_A"] ** 2 / (box * apix)
+    settled = not have.any() or (ratio_deg < 1.0 and ratio_A < 1.0)
+    improving = gain >= shell
+    moves = (f"poses moved {ratio_deg:.2f} x their angular and {ratio_A:.2f} x their shift precision (rms)"
+             if have.any() else "no pose precision (paper optimiser)")
+    res = (f"resolution {previous['resolution_A']:.2f} -> {current['resolution_A']:.2f} A "
+           f"({gain:+.3f} A; one Fourier shell is {shell:.3f} A)")
+    if settled and not improving:
+        reason = f"converged: {moves}, {res}"
+    else:
+        reason = "continuing: " + (f"{res}" if improving else moves)
+    return {"converged": bool(settled and not improving), "reason": reason, "move_over_precision_deg": ratio_deg,
+            "move_over_precision_A": ratio_A, "resolution_gain_A": float(gain), "shell_A": float(shell)}
 
 
 def _half_resolution(job, k: int, h: int) -> float:
@@ -578,7 +727,10 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
                 f"{fsc['half_resolution_A']['1']:.2f} / {fsc['half_resolution_A']['2']:.2f} A)")
     histories.append(json.loads((job.path / it_dir(0) / "fsc.json").read_text()))
 
-    for k in range(1, settings.iterations + 1):
+    auto = settings.iterations is None
+    for k in range(1, (settings.max_iterations if auto else settings.iterations) + 1):
+        if auto and histories[-1].get("convergence", {}).get("converged"):
+            break
         d = job.dir(it_dir(k))
         for h in HALVES:
             prev_res = (settings.resolution_start_A if (k == 1 and settings.resolution_start_A)
@@ -622,15 +774,27 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
             fsc.update(mean_change_deg=float(deg.mean()), std_change_deg=float(deg.std()),
                        mean_change_px=float(px.mean()), std_change_px=float(px.std()), seconds=seconds,
                        n_gaussians={str(h): job.summary(f"{it_dir(k)}/half{h}/gmm")["n_gaussians"] for h in HALVES})
+            prec = np.concatenate([c["precision_deg"] for c in changes])
+            if np.isfinite(prec).any():
+                prec_A = np.concatenate([c["precision_A"] for c in changes])
+                fsc.update(median_precision_deg=float(np.nanmedian(prec)), median_precision_A=float(np.nanmedian(prec_A)))
+            fsc["convergence"] = convergence(histories[-1], fsc, changes, box, apix)
             write_json_atomic(d / "fsc.json", fsc)
             angles, shifts = current_poses(job, ps, k)
             from gmmrefine.io.particles import write_particles_star
 
-            write_particles_star(ps, d / "particles.star", angles, shifts, absolute_image_paths=True)
+            write_particles_star(ps, d / "particles.star", angles, shifts, current_precision(job, ps, k),
+                                 absolute_image_paths=True)
             done(step, resolution_A=fsc["resolution_A"])
+            precision = (f", precision (median) {fsc['median_precision_deg']:.2f} deg / "
+                         f"{fsc['median_precision_A']:.2f} A" if "median_precision_deg" in fsc else "")
             job.log(f"iteration {k}: resolution {fsc['resolution_A']:.2f} A, pose change "
                     f"{fsc['mean_change_deg']:.2f} +/- {fsc['std_change_deg']:.2f} deg, "
-                    f"{fsc['mean_change_px']:.2f} +/- {fsc['std_change_px']:.2f} px, {seconds:.0f} s")
+                    f"{fsc['mean_change_px']:.2f} +/- {fsc['std_change_px']:.2f} px{precision}, {seconds:.0f} s")
+            if auto:
+                job.log(f"iteration {k}: {fsc['convergence']['reason']}")
+                if k == settings.max_iterations and not fsc["convergence"]["converged"]:
+                    job.log(f"stopping after {k} iterations (the maximum, --max-iterations) without converging")
         histories.append(json.loads((d / "fsc.json").read_text()))
     return histories
 
@@ -638,12 +802,20 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
 def settings_from_params(params: dict) -> RefineSettings:
     """:class:`RefineSettings` from a job's parameter dictionary (``job.json``)."""
     batch = params["batch"]
-    pose = PoseSettings(steps=int(params["steps"]), lr=float(params["lr"]),
+    steps = params.get("steps")
+    # Jobs written before the Newton optimiser existed ran the paper's.
+    optimiser = str(params.get("optimiser", "paper"))
+    objective = params.get("objective") or ("snr" if optimiser == "newton" else "frc")
+    pose = PoseSettings(steps=None if steps in (None, "auto") else int(steps), lr=float(params["lr"]),
                         batch=None if batch in (None, "auto") else int(batch),
                         rotation_unit_rad=float(params.get("rotation_unit_rad", 2.0)),
-                        translation_unit_px=params.get("translation_unit_px"))
+                        translation_unit_px=params.get("translation_unit_px"), optimiser=optimiser,
+                        objective=str(objective), prior_deg=float(params.get("prior_deg", DEFAULT_PRIOR_DEG)),
+                        prior_A=float(params.get("prior_A", DEFAULT_PRIOR_A)))
     res = params.get("resolution_start")
-    return RefineSettings(iterations=int(params["iterations"]),
+    iterations = params["iterations"]
+    return RefineSettings(iterations=None if iterations == "auto" else int(iterations),
+                          max_iterations=int(params.get("max_iterations", 10)),
                           resolution_start_A=None if res in (None, "auto") else float(res),
                           minres_A=float(params.get("minres", 50.0)), chunk=int(params["chunk"]),
                           ctf=str(params.get("ctf", "flip")),

@@ -40,8 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from gmmrefine.geometry.rotations import axis_angle_to_matrix
-from gmmrefine.gmm.loss import frc_loss
-from gmmrefine.gmm.project import FourierBand, project_gmm
+from gmmrefine.gmm.loss import frc_loss, ring_correlations, ring_sums
+from gmmrefine.gmm.project import FourierBand, project_gmm, project_gmm_with_pose_jacobian
+from gmmrefine.refine.snr import ring_weights
 
 #: Paper defaults (Chen, Schmid & Chiu 2024, Methods): Adam, 10 steps, learning rate 1e-3, 16 per batch.
 DEFAULT_STEPS = 10
@@ -51,31 +52,68 @@ DEFAULT_BATCH = 16
 DEFAULT_ROTATION_UNIT_RAD = 2.0
 
 
+#: Pose optimisers (``--optimiser``): the paper's Adam, or Fisher scoring with a prior and a line search.
+OPTIMISERS = ("newton", "paper")
+#: Refinement objectives (``--objective``): the SNR-weighted ring correlation (log-likelihood), or the
+#: paper's unweighted mean FRC.
+OBJECTIVES = ("snr", "frc")
+#: Newton steps per particle and iteration at most (most particles stop earlier, see PoseSettings).
+DEFAULT_NEWTON_STEPS = 8
+#: Prior on one iteration's move, per rotation axis (degrees) and shift axis (angstrom).
+DEFAULT_PRIOR_DEG = 2.0
+DEFAULT_PRIOR_A = 1.5
+
+
 @dataclass(frozen=True)
 class PoseSettings:
     """Optimiser settings.
 
     Attributes:
-        steps: Adam steps per particle.
+        steps: Adam steps per particle (``paper``), or the most Newton steps (``newton``); None: 10 for
+            ``paper`` (the paper's), :data:`DEFAULT_NEWTON_STEPS` for ``newton``.
         lr: Adam learning rate (in parameter units, see the module docstring).
         batch: particles projected together (memory / speed only; results do not depend on it). None
             (``--batch auto``): the caller chooses (``global_refine.resolve_batch``: from the free
             memory of a CUDA device, else :data:`DEFAULT_BATCH`); :func:`refine_poses` takes None as
             :data:`DEFAULT_BATCH`.
-        rotation_unit_rad: radians of rotation per unit of the rotation parameter.
-        translation_unit_px: pixels of translation per unit of the shift parameter; None means the box
-            size (shifts in fractions of the box, as EMAN2).
+        rotation_unit_rad: radians of rotation per unit of the rotation parameter (Adam).
+        translation_unit_px: pixels of translation per unit of the shift parameter (Adam); None means
+            the box size (shifts in fractions of the box, as EMAN2).
         betas: Adam's moment decay rates.
         eps: Adam's denominator guard.
+        optimiser: ``"newton"`` (Fisher scoring, see :func:`refine_poses`) or ``"paper"`` (Adam).
+        objective: ``"snr"`` (ring correlations weighted by their log-likelihood weights,
+            :mod:`gmmrefine.refine.snr`) or ``"frc"`` (the paper's mean FRC).
+        prior_deg, prior_A: standard deviation of the Gaussian prior on one call's move (``newton``),
+            per rotation axis in degrees and per shift axis in angstrom: a particle whose images
+            constrain it less than this moves less than this.
+        tolerance: a particle stops when its Newton step is shorter than this many posterior standard
+            deviations.
     """
 
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None
     lr: float = DEFAULT_LR
     batch: int | None = DEFAULT_BATCH
     rotation_unit_rad: float = DEFAULT_ROTATION_UNIT_RAD
     translation_unit_px: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    optimiser: str = "newton"
+    objective: str = "snr"
+    prior_deg: float = DEFAULT_PRIOR_DEG
+    prior_A: float = DEFAULT_PRIOR_A
+    tolerance: float = 0.2
+
+    @property
+    def n_steps(self) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        return DEFAULT_NEWTON_STEPS if self.optimiser == "newton" else DEFAULT_STEPS
+
+    @property
+    def needs_snr(self) -> bool:
+        """Whether the per-ring SNR must be measured first (weights or Fisher information)."""
+        return self.objective == "snr" or self.optimiser == "newton"
 
 
 @dataclass
@@ -85,14 +123,19 @@ class PoseResult:
     Attributes:
         rotations: ``(N, 3, 3)`` refined RELION matrices.
         translation_px: ``(N, 2)`` refined image translations (content moves by ``+t``), pixels.
-        frc_start: ``(N,)`` band FRC at the starting pose.
+        frc_start: ``(N,)`` band FRC (unweighted mean) at the starting pose.
         frc_end: ``(N,)`` band FRC at the refined pose.
+        covariance: ``(N, 5, 5)`` covariance of the refined pose (``newton``: the inverse of the Fisher
+            information of its images) in radians (view-frame rotation) and pixels, or None.
+        steps: ``(N,)`` Newton steps taken (accepted or not), or None.
     """
 
     rotations: torch.Tensor
     translation_px: torch.Tensor
     frc_start: torch.Tensor
     frc_end: torch.Tensor
+    covariance: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
 
 
 def particle_band(images: torch.Tensor, band: FourierBand, ctf: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,34 +159,53 @@ def particle_band(images: torch.Tensor, band: FourierBand, ctf: torch.Tensor | N
     return band.gather(spectra).to(torch.complex64)
 
 
-def score_poses(gmm, particles: torch.Tensor, rotations: torch.Tensor, translation_px: torch.Tensor,
-                band: FourierBand, *, batch: int = 256, ctf: torch.Tensor | None = None) -> torch.Tensor:
-    """Band FRC of each particle against the GMM at the given poses (no gradients).
+def ring_correlations_at(gmm, particles: torch.Tensor, rotations: torch.Tensor, translation_px: torch.Tensor,
+                         band: FourierBand, *, ctf: torch.Tensor | None = None, batch: int = 64) -> torch.Tensor:
+    """Ring correlations of particles with the GMM at the given poses (no gradients): what
+    :func:`gmmrefine.refine.snr.fit_ring_snr` measures the per-ring SNR from.
 
     Args:
         gmm: :class:`~gmmrefine.gmm.model.GaussianMixture`.
         particles: ``(N, P)`` complex band coefficients (:func:`particle_band`).
         rotations: ``(N, 3, 3)``; translation_px: ``(N, 2)``.
-        ctf: optional ``(N, P)`` CTF multiplying the projections (see :func:`refine_poses`).
+        ctf: optional ``(N, P)`` CTF multiplying the projections (``--ctf full``).
 
     Returns:
-        ``(N,)`` FRC, float32.
+        ``(N, n_rings)`` float32.
     """
+    gmm = gmm.detach().to(device=particles.device, dtype=torch.float32)
     out = []
     with torch.no_grad():
         for s in range(0, particles.shape[0], batch):
             sl = slice(s, s + batch)
-            proj = project_gmm(gmm, rotations[sl], translation_px[sl], band)
+            proj = project_gmm(gmm, rotations[sl].to(torch.float32), translation_px[sl].to(torch.float32), band)
             if ctf is not None:
                 proj = proj * ctf[sl]
-            out.append(frc_loss(proj, particles[sl], band.ring_index, band.n_rings))
-    return torch.cat(out) if out else torch.zeros(0, device=particles.device)
+            out.append(ring_correlations(proj, particles[sl], band.ring_index, band.n_rings))
+    return torch.cat(out) if out else torch.zeros(0, band.n_rings, device=particles.device)
 
 
 def refine_poses(gmm, particles: torch.Tensor, rotations: torch.Tensor, translation_px: torch.Tensor,
                  band: FourierBand, settings: PoseSettings = PoseSettings(),
-                 ctf: torch.Tensor | None = None) -> PoseResult:
-    """Refine the poses of ``N`` particles by Adam on the band FRC against ``gmm``.
+                 ctf: torch.Tensor | None = None, rho: torch.Tensor | None = None) -> PoseResult:
+    """Refine the poses of ``N`` particles against ``gmm``.
+
+    ``settings.optimiser`` chooses how:
+
+    * ``"paper"``: Adam, ``steps`` steps of ``lr`` (module docstring), on the objective.
+    * ``"newton"``: Fisher scoring on the SNR-weighted objective (the log-likelihood of the pose,
+      :mod:`gmmrefine.refine.snr`) plus a Gaussian prior on the move (``prior_deg``, ``prior_A``, centred
+      on the starting pose). Each step solves ``(H + L + mu diag) d = g - L m`` with ``g`` the
+      gradient, ``H = sum_r w_r rho_r G_r`` the Fisher information (``G_r``: Gram matrix of the
+      ring-normalised projection's derivatives, :func:`~gmmrefine.gmm.project.project_gmm_with_pose_jacobian`),
+      ``L`` the prior's precision and ``m`` the move so far; a step is taken only if it raises the
+      objective plus the log prior (else ``mu`` grows and the step shrinks). So a particle at its
+      optimum stays there, one that its images barely constrain moves about as far as the evidence
+      outweighs the prior, and the inverse of ``H`` at the end is the covariance of its pose. A
+      particle stops when its step is below ``tolerance`` posterior standard deviations; the batch ends
+      when all have stopped or after ``steps`` steps.
+
+    Particles never interact: a particle's result does not depend on the others in its batch.
 
     Args:
         gmm: :class:`~gmmrefine.gmm.model.GaussianMixture` of the particles' own half (not modified;
@@ -156,60 +218,200 @@ def refine_poses(gmm, particles: torch.Tensor, rotations: torch.Tensor, translat
         ctf: optional ``(N, P)`` real CTF at the band pixels (``band.gather(ctf)``); when given, the
             projections are multiplied by it (``--ctf full``: compare with particles that were not
             phase-flipped) instead of comparing with phase-flipped particles.
+        rho: ``(N, n_rings)`` expected ring correlations at the true pose
+            (:func:`gmmrefine.refine.snr.expected_correlation`), used by the ``snr`` objective and the
+            ``newton`` optimiser; None measures them from these particles at their starting poses
+            (:func:`gmmrefine.refine.snr.fit_ring_snr`; the CTF moments from ``ctf`` if given, else ones),
+            so pass one half set's particles.
 
     Returns:
         :class:`PoseResult` (float32, on the particles' device).
     """
+    if settings.optimiser not in OPTIMISERS:
+        raise ValueError(f"optimiser must be one of {OPTIMISERS}, got {settings.optimiser!r}")
+    if settings.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {settings.objective!r}")
     device = particles.device
+    if settings.needs_snr and rho is None:
+        rho = _own_rho(gmm, particles, rotations, translation_px, band, ctf)
     gmm = gmm.detach().to(device=device, dtype=torch.float32)
-    unit_px = float(band.box if settings.translation_unit_px is None else settings.translation_unit_px)
     rot0_all = rotations.to(device=device, dtype=torch.float32)
     t0_all = translation_px.to(device=device, dtype=torch.float32)
     n = particles.shape[0]
-    out_rot = torch.empty_like(rot0_all)
-    out_t = torch.empty_like(t0_all)
-    frc_start = torch.empty(n, device=device, dtype=torch.float32)
-    frc_end = torch.empty(n, device=device, dtype=torch.float32)
-    b1, b2 = settings.betas
+    out = PoseResult(torch.empty_like(rot0_all), torch.empty_like(t0_all),
+                     torch.empty(n, device=device, dtype=torch.float32),
+                     torch.empty(n, device=device, dtype=torch.float32))
+    if settings.optimiser == "newton":
+        out.covariance = torch.empty(n, 5, 5, device=device, dtype=torch.float32)
+        out.steps = torch.empty(n, device=device, dtype=torch.int64)
     batch = max(int(settings.batch or DEFAULT_BATCH), 1)
     for s in range(0, n, batch):
         sl = slice(s, min(s + batch, n))
-        target, rot0, t0 = particles[sl], rot0_all[sl], t0_all[sl]
         weight = None if ctf is None else ctf[sl].to(device=device, dtype=torch.float32)
-        params = torch.zeros(target.shape[0], 5, device=device, dtype=torch.float32)
-        m = torch.zeros_like(params)
-        v = torch.zeros_like(params)
-        for step in range(1, settings.steps + 1):
-            params.requires_grad_(True)
-            rot = axis_angle_to_matrix(params[:, :3] * settings.rotation_unit_rad) @ rot0
-            proj = project_gmm(gmm, rot, t0 + params[:, 3:] * unit_px, band)
-            if weight is not None:
-                proj = proj * weight
-            frc = frc_loss(proj, target, band.ring_index, band.n_rings)
-            (grad,) = torch.autograd.grad(-frc.sum(), params)
-            if step == 1:
-                frc_start[sl] = frc.detach()
-            with torch.no_grad():
-                params = params.detach()
-                m.mul_(b1).add_(grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                denom = (v / (1 - b2**step)).sqrt_().add_(settings.eps)
-                params.addcdiv_(m, denom, value=-settings.lr / (1 - b1**step))
+        rho_b = None if rho is None else rho[sl].to(device=device, dtype=torch.float32)
+        step = _newton_batch if settings.optimiser == "newton" else _adam_batch
+        step(gmm, particles[sl], rot0_all[sl], t0_all[sl], band, settings, weight, rho_b, out, sl)
+    return out
+
+
+def _own_rho(gmm, particles, rotations, translation_px, band, ctf) -> torch.Tensor:
+    """Expected ring correlations measured on the particles themselves (see :func:`refine_poses`)."""
+    from gmmrefine.refine.snr import expected_correlation, fit_ring_snr, ring_ctf_moments
+
+    corr = ring_correlations_at(gmm, particles, rotations, translation_px, band, ctf=ctf)
+    m1, m2 = ring_ctf_moments(ctf, band.ring_index, band.n_rings, batch=particles.shape[0])
+    mode = "flip" if ctf is None else "full"
+    return expected_correlation(fit_ring_snr(corr, m1, m2, mode).to(torch.float32), m1, m2, mode)
+
+
+def _adam_batch(gmm, target, rot0, t0, band, settings, weight, rho, out: PoseResult, sl: slice) -> None:
+    """The paper's optimiser on one batch (see the module docstring), results into ``out[sl]``."""
+    unit_px = float(band.box if settings.translation_unit_px is None else settings.translation_unit_px)
+    ring_w = None if settings.objective == "frc" else ring_weights(rho, band.ring_index, band.n_rings)
+    b1, b2 = settings.betas
+    params = torch.zeros(target.shape[0], 5, device=target.device, dtype=torch.float32)
+    m = torch.zeros_like(params)
+    v = torch.zeros_like(params)
+
+    def project(rot, t):
+        proj = project_gmm(gmm, rot, t, band)
+        return proj if weight is None else proj * weight
+
+    for step in range(1, settings.n_steps + 1):
+        params.requires_grad_(True)
+        rot = axis_angle_to_matrix(params[:, :3] * settings.rotation_unit_rad) @ rot0
+        rings = ring_correlations(project(rot, t0 + params[:, 3:] * unit_px), target, band.ring_index, band.n_rings)
+        score = rings.mean(-1) if ring_w is None else (rings * ring_w).sum(-1)
+        (grad,) = torch.autograd.grad(-score.sum(), params)
+        if step == 1:
+            out.frc_start[sl] = rings.detach().mean(-1)
         with torch.no_grad():
-            out_rot[sl] = axis_angle_to_matrix(params[:, :3] * settings.rotation_unit_rad) @ rot0
-            out_t[sl] = t0 + params[:, 3:] * unit_px
-            proj = project_gmm(gmm, out_rot[sl], out_t[sl], band)
-            if weight is not None:
-                proj = proj * weight
-            frc_end[sl] = frc_loss(proj, target, band.ring_index, band.n_rings)
-        if settings.steps == 0:
-            frc_start[sl] = frc_end[sl]
-    return PoseResult(out_rot, out_t, frc_start, frc_end)
+            params = params.detach()
+            m.mul_(b1).add_(grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            denom = (v / (1 - b2**step)).sqrt_().add_(settings.eps)
+            params.addcdiv_(m, denom, value=-settings.lr / (1 - b1**step))
+    with torch.no_grad():
+        out.rotations[sl] = axis_angle_to_matrix(params[:, :3] * settings.rotation_unit_rad) @ rot0
+        out.translation_px[sl] = t0 + params[:, 3:] * unit_px
+        out.frc_end[sl] = frc_loss(project(out.rotations[sl], out.translation_px[sl]), target, band.ring_index,
+                                   band.n_rings)
+    if settings.n_steps == 0:
+        out.frc_start[sl] = out.frc_end[sl]
 
 
-def max_rotation_per_iteration_deg(settings: PoseSettings) -> float:
-    """Largest rotation one call can apply (all three components moving ``steps * lr``), degrees."""
-    return math.degrees(settings.steps * settings.lr * settings.rotation_unit_rad * math.sqrt(3))
+@dataclass
+class _Fit:
+    """Objective, gradient and Fisher information of a batch at its current poses (Newton)."""
+
+    score: torch.Tensor     # (B,) sum_r w_r c_r
+    frc: torch.Tensor       # (B,) mean_r c_r
+    grad: torch.Tensor      # (B, 5)
+    fisher: torch.Tensor    # (B, 5, 5) float64
+
+
+def _fit_at(gmm, target, target_power, rot, t, band, weight, ring_w, rho) -> _Fit:
+    """:class:`_Fit` of particles ``target`` at poses ``(rot, t)`` (no autograd: the Jacobian is analytic).
+
+    With ring sums ``S_xy, S_yy`` and ``S_yd`` (of ``Re x conj(y)``, ``|y|^2``, ``Re y conj(dy)``), the
+    gradient of ``sum_r w_r S_xy / sqrt(S_xx S_yy)`` is one sum over pixels of ``dy`` against
+    ``a_r x - b_r y``, and the Fisher information ``sum_r w_r rho_r (S_dd - S_yd S_yd^T / S_yy) / S_yy``
+    one weighted Gram matrix of ``dy`` over pixels minus a sum over rings: two small batched matrix
+    products instead of ring sums of every product.
+    """
+    proj, jac = project_gmm_with_pose_jacobian(gmm, rot, t, band)
+    if weight is not None:
+        proj = proj * weight
+        jac = jac * weight[:, None]
+    ri, nr = band.ring_index, band.n_rings
+    y = torch.view_as_real(proj).flatten(-2)                  # (B, 2P): real, imag interleaved
+    dy = torch.view_as_real(jac).flatten(-2)                  # (B, 5, 2P)
+    x = torch.view_as_real(target).flatten(-2)
+    ri2 = ri.repeat_interleave(2)
+    s_xy = ring_sums(x * y, ri2, nr)                          # (B, R)
+    s_yy = ring_sums(y * y, ri2, nr).clamp(min=1e-30)
+    s_yd = ring_sums(y[:, None] * dy, ri2, nr)                # (B, 5, R)
+    norm = torch.sqrt(target_power * s_yy).clamp(min=1e-30)   # (B, R)
+    c = s_xy / norm
+    a = ring_w / norm                                         # d/dy of w S_xy / norm: a x - b y
+    b = a * s_xy / s_yy
+    grad = torch.bmm(dy, (a[:, ri2] * x - b[:, ri2] * y)[..., None]).squeeze(-1)
+    f = (ring_w * rho / s_yy).to(torch.float64)               # (B, R)
+    dy64 = dy.to(torch.float64)
+    fisher = torch.bmm(dy64 * f[:, None, ri2], dy64.transpose(1, 2))
+    s_yd64 = s_yd.to(torch.float64)
+    fisher -= torch.bmm(s_yd64 * (f / s_yy)[:, None], s_yd64.transpose(1, 2))
+    return _Fit(score=(ring_w * c).sum(-1), frc=c.mean(-1), grad=grad, fisher=fisher)
+
+
+def _newton_batch(gmm, target, rot0, t0, band, settings, weight, rho, out: PoseResult, sl: slice) -> None:
+    """Fisher scoring with a prior and accept-only-improvements steps on one batch (see
+    :func:`refine_poses`), results into ``out[sl]``."""
+    b = target.shape[0]
+    device = target.device
+    ring_w = ring_weights(rho, band.ring_index, band.n_rings)
+    target_power = ring_sums(target.real**2 + target.imag**2, band.ring_index, band.n_rings)
+    prior_sd = torch.tensor([math.radians(settings.prior_deg)] * 3 + [settings.prior_A / band.apix] * 2,
+                            dtype=torch.float64, device=device)
+    prior = torch.diag(prior_sd**-2)                                     # (5, 5)
+    eye = torch.eye(5, dtype=torch.float64, device=device)
+    rot, t = rot0.clone(), t0.clone()
+    moved = torch.zeros(b, 5, dtype=torch.float64, device=device)       # the move so far (tangent)
+    fit = _fit_at(gmm, target, target_power, rot, t, band, weight, ring_w, rho)
+    out.frc_start[sl] = fit.frc
+    mu = torch.zeros(b, dtype=torch.float64, device=device)
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    steps = torch.zeros(b, dtype=torch.int64, device=device)
+    for _ in range(settings.n_steps):
+        idx = torch.nonzero(active).squeeze(1)
+        if idx.numel() == 0:
+            break
+        h = fit.fisher[idx] + prior
+        rhs = fit.grad[idx].to(torch.float64) - moved[idx] @ prior
+        damped = h + mu[idx, None, None] * torch.diag_embed(torch.diagonal(h, dim1=-2, dim2=-1))
+        d = torch.linalg.solve(damped, rhs)                              # (n, 5)
+        rot_t = axis_angle_to_matrix(d[:, :3]).to(torch.float32) @ rot[idx]
+        t_t = t[idx] + d[:, 3:].to(torch.float32)
+        trial = _fit_at(gmm, target[idx], target_power[idx], rot_t, t_t, band,
+                        None if weight is None else weight[idx], ring_w[idx], rho[idx])
+        now = fit.score[idx].to(torch.float64) - 0.5 * ((moved[idx] @ prior) * moved[idx]).sum(-1)
+        moved_t = moved[idx] + d
+        then = trial.score.to(torch.float64) - 0.5 * ((moved_t @ prior) * moved_t).sum(-1)
+        accept = then > now
+        steps[idx] += 1
+        # converged: an accepted step shorter than `tolerance` posterior standard deviations
+        length2 = (d * (h @ d[..., None]).squeeze(-1)).sum(-1)
+        done = accept & (length2 < settings.tolerance**2)
+        a = idx[accept]
+        rot[a], t[a], moved[a] = rot_t[accept], t_t[accept], moved_t[accept]
+        for name in ("score", "frc", "grad", "fisher"):
+            getattr(fit, name)[a] = getattr(trial, name)[accept]
+        mu[idx] = torch.where(accept, mu[idx] / 4, torch.where(mu[idx] > 0, mu[idx] * 4, torch.full_like(mu[idx], 0.5)))
+        mu[idx] = torch.where(mu[idx] < 1e-3, torch.zeros_like(mu[idx]), mu[idx])
+        active[idx[done]] = False
+    out.rotations[sl] = rot
+    out.translation_px[sl] = t
+    out.frc_end[sl] = fit.frc
+    # The prior is centred on this call's start, which came from the same images: counting it as
+    # information would be double counting, so the precision is the likelihood's alone (a vanishing
+    # fraction of the prior keeps a flat direction finite).
+    out.covariance[sl] = torch.linalg.inv(fit.fisher + 1e-6 * prior).to(torch.float32)
+    out.steps[sl] = steps
+
+
+def pose_precision(covariance: torch.Tensor, apix: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected error of each refined pose from its posterior covariance.
+
+    Args:
+        covariance: ``(N, 5, 5)`` (:attr:`PoseResult.covariance`, radians and pixels).
+        apix: pixel size, A/px.
+
+    Returns:
+        ``(angle_deg, shift_A)``, each ``(N,)``: the root of the expected squared rotation angle (sum of
+        the three rotation variances) and of the expected squared shift (both shift variances).
+    """
+    diag = torch.diagonal(covariance, dim1=-2, dim2=-1).clamp(min=0)
+    return torch.rad2deg(diag[:, :3].sum(-1).sqrt()), diag[:, 3:].sum(-1).sqrt() * apix
 
 
 # Bytes one particle of a pose batch needs on a CUDA device, per Gaussian and table column (K + 1):
