@@ -85,10 +85,10 @@ def replicate_star(star: Path, out: Path, n: int) -> Path:
     return out
 
 
-def measured(cmd: list[str], env: dict | None = None) -> dict:
+def measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run ``cmd`` under /usr/bin/time -v: wall seconds and peak RSS (MB)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")

@@ -3,7 +3,7 @@
 The data: the bundled open adenylate kinase model (``gmmrefine/data/adk_open.pdb``), 1,000 particles,
 box 64 at 1.8 A/px, SNR 0.2, with the poses of ``data/particles_perturbed.star`` off the truth by
 exactly 4 degrees and 1 A (the "consensus" a refinement starts from). The demo runs
-``gmmrefine refine`` on it (3 iterations, paper defaults otherwise) in ``OUT/job`` and prints, before
+``gmmrefine refine`` on it (its defaults: iterations until converged) in ``OUT/job`` and prints, before
 and after, the pose error against the true poses, the gold-standard resolution and the resolution of
 the FSC against the true map, then where the report is.
 """
@@ -27,14 +27,15 @@ DESCRIPTION = __doc__.split("\n\n", 1)[1].replace("\n", " ").strip()
 
 DEMO_MODEL = Path(__file__).parents[1] / "data" / "adk_open.pdb"
 DEMO_SETTINGS = dict(n=1000, box=64, apix=1.8, snr=0.2, perturb_deg=4.0, perturb_A=1.0, seed=0)
-DEMO_ITERATIONS = 3
+DEMO_ITERATIONS = "auto"
 DEFAULT_OUT = Path("gmmrefine_demo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default: ./{DEFAULT_OUT}, or the first free ./{DEFAULT_OUT}_N)")
-    parser.add_argument("--iterations", type=int, default=DEMO_ITERATIONS, help="refinement iterations")
+    parser.add_argument("--iterations", default=DEMO_ITERATIONS,
+                        help="refinement iterations, or auto: until converged (default: auto)")
     parser.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")
 
 
@@ -74,8 +75,9 @@ def scores(half1: np.ndarray, half2: np.ndarray, angles_deg: np.ndarray, shift_A
 
     ang, sh = pose_errors(angles_deg, shift_A, truth_ps.angles_deg, truth_ps.shift_A)
     gold = fourier_shell_correlation(torch.as_tensor(half1), torch.as_tensor(half2))
+    map_apix = apix * truth_map.shape[-1] / half1.shape[-1]  # the start's maps may be on a cropped grid
     return {"angular_error_deg": ang, "shift_error_A": sh,
-            "resolution_gold_standard_A": resolution_at(gold, half1.shape[-1], apix, 0.143),
+            "resolution_gold_standard_A": resolution_at(gold, half1.shape[-1], map_apix, 0.143),
             "resolution_vs_truth_fsc_0.5_A": resolution_to_truth(half1, half2, truth_map, apix, 0.5)}
 
 
@@ -85,8 +87,10 @@ def main(args) -> int:
     from gmmrefine.io.particles import read_particles
     from gmmrefine.refine.global_refine import it_dir
 
-    if args.iterations < 1:
-        raise InputError(f"--iterations: expected an integer >= 1, got {args.iterations}.", field="--iterations")
+    iterations = str(args.iterations).strip().lower()
+    if iterations != "auto" and not (iterations.isdigit() and int(iterations) >= 1):
+        raise InputError(f"--iterations: expected auto or an integer >= 1, got {args.iterations}.",
+                         field="--iterations")
     out = Path(args.out) if args.out is not None else _free_default_out()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: the demo folder already exists and is not empty; choose another --out.",
@@ -98,26 +102,25 @@ def main(args) -> int:
           f"poses perturbed by {s['perturb_deg']} deg and {s['perturb_A']} A ...", flush=True)
     star = simulate_demo_data(out / "data", device)
     job_dir = out / "job"
-    print(f"Refining ({args.iterations} iterations): gmmrefine refine --particles {star} --out {job_dir} "
-          f"--iterations {args.iterations} --device {device}", flush=True)
-    params = refine_cmd.params_for(star, job_dir, "--iterations", str(args.iterations), "--device", str(device))
-    refine_cmd.run(params, command_line=["gmmrefine", "demo", "--out", str(out)])
+    print(f"Refining: gmmrefine refine --particles {star} --out {job_dir} --iterations {iterations} "
+          f"--device {device}", flush=True)
+    params = refine_cmd.params_for(star, job_dir, "--iterations", iterations, "--device", str(device))
+    summary = refine_cmd.run(params, command_line=["gmmrefine", "demo", "--out", str(out)])
 
     truth_ps = read_particles(star.with_name("particles.star"))
     truth_map = read_map(star.with_name("truth_map.mrc"))[0]
     apix = truth_ps.apix
     rows = {}
-    for label, k in (("before", 0), ("after", args.iterations)):
-        d = job_dir / it_dir(k)
-        poses = read_particles(star if k == 0 else d / "particles.star", check_images=False)
+    for label, d in (("before", job_dir / it_dir(0)), ("after", job_dir / "final")):
+        poses = read_particles(star if label == "before" else d / "particles.star", check_images=False)
         rows[label] = scores(read_map(d / "half1.mrc")[0], read_map(d / "half2.mrc")[0], poses.angles_deg,
                              poses.shift_A, truth_ps, truth_map, apix)
     elapsed = time.perf_counter() - start
     report = job_dir / "final" / "report.html"
-    write_json_atomic(out / "demo.json", {"settings": s, "iterations": args.iterations, "seconds": elapsed,
+    write_json_atomic(out / "demo.json", {"settings": s, "iterations": summary["iterations"], "seconds": elapsed,
                                           "report": str(report), **rows})
     b, a = rows["before"], rows["after"]
-    print("\n                                   before    after")
+    print(f"\n{'':35s}before    after ({summary['iterations']} iterations)")
     print(f"  mean angular error vs truth     {b['angular_error_deg']:6.2f}   {a['angular_error_deg']:6.2f}  deg")
     print(f"  mean shift error vs truth       {b['shift_error_A']:6.2f}   {a['shift_error_A']:6.2f}  A")
     print(f"  gold-standard resolution        {b['resolution_gold_standard_A']:6.2f}   "

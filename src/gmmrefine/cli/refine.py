@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full: multiply the GMM projections by each particle's CTF (the matched filter; "
                              "measured more accurate at low SNR); flip: compare with phase-flipped particles (paper)")
     parser.add_argument("--gmm-steps", type=int, default=150, help="Adam steps of each GMM fit to a half map")
+    parser.add_argument("--full-maps", action="store_true",
+                        help="write every iteration's half maps at the particles' box (default: on the grid the "
+                             "iteration works on, cropped to its band; final/ is always full size)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     parser.add_argument("--seed", type=int, default=0, help="random seed (GMM seeding)")
     parser.add_argument("--project-dir", type=Path, default=None, help="cryoSPARC project folder (.cs input)")
@@ -167,7 +170,7 @@ def _params(args) -> dict:
         "resolution_start": res, "minres": float(args.minres), "batch": batch, "chunk": int(args.chunk),
         "optimiser": args.optimiser, "objective": objective,
         "steps": None if args.steps is None else int(args.steps), "prior_deg": float(args.prior_deg),
-        "prior_A": float(args.prior_A), "lr": float(args.lr), "ctf": args.ctf, "reconstruct_ctf": "wiener", "rotation_unit_rad": 2.0,
+        "prior_A": float(args.prior_A), "lr": float(args.lr), "full_maps": bool(args.full_maps), "ctf": args.ctf, "reconstruct_ctf": "wiener", "rotation_unit_rad": 2.0,
         "translation_unit_px": None, "gmm_steps": int(args.gmm_steps), "device": str(args.device), "seed": int(args.seed),
         "project_dir": None if args.project_dir is None else str(Path(args.project_dir).resolve()),
         "from_job": None if from_job is None else str(from_job),

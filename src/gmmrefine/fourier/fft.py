@@ -98,10 +98,49 @@ def fourier_crop_2d(spectrum: torch.Tensor, new_box: int) -> torch.Tensor:
         new_box: even box ``d <= D``.
 
     Returns:
-        ``(..., d, d//2+1)``; the real-space image of it has pixel size ``apix * D / d`` and the
-        same amplitude scale per pixel once divided by ``(D / d) ** 2``.
+        ``(..., d, d//2+1)``, the same values at the same frequencies (1/A; cycles per pixel times
+        ``D / d``).
     """
     box = spectrum.shape[-2]
     half = new_box // 2
     rows = torch.cat([torch.arange(0, half), torch.arange(box - half, box)]).to(spectrum.device)
     return spectrum[..., rows, : half + 1]
+
+
+def crop_projection_spectra(spectra: torch.Tensor, new_box: int) -> torch.Tensor:
+    """Spectra of projection images downsampled by Fourier cropping to ``new_box``, scaled so that a
+    reconstruction from them is the map downsampled by :func:`downsample_map` (the same density per
+    voxel): ``(d / D)^2`` keeps the pixel values, ``d / D`` the sum along the shorter projection axis.
+
+    Args:
+        spectra: ``(..., D, D//2+1)`` (:func:`rfft2_centered` of ``D``-box images).
+        new_box: even ``d <= D``.
+
+    Returns:
+        ``(..., d, d//2+1)``.
+    """
+    box = spectra.shape[-2]
+    if new_box == box:
+        return spectra
+    return fourier_crop_2d(spectra, new_box) * (new_box / box) ** 3
+
+
+def downsample_map(volume: torch.Tensor, new_box: int) -> torch.Tensor:
+    """A map on a coarser grid of the same physical size (pixel size ``apix * D / d``) by Fourier
+    cropping: the frequencies up to the new Nyquist are kept, and voxel values stay in the same
+    density units.
+
+    Args:
+        volume: ``(D, D, D)`` real map.
+        new_box: even ``d <= D``.
+
+    Returns:
+        ``(d, d, d)``.
+    """
+    box = volume.shape[-1]
+    if new_box == box:
+        return volume
+    half = new_box // 2
+    rows = torch.cat([torch.arange(0, half), torch.arange(box - half, box)]).to(volume.device)
+    spectrum = rfft3_centered(volume)[rows][:, rows][:, :, : half + 1]
+    return irfft3_centered(spectrum, new_box) * (new_box / box) ** 3

@@ -23,20 +23,34 @@ def pose_errors(angles_deg: np.ndarray, shift_A: np.ndarray, true_angles_deg: np
     return float(err.mean()), float(dist.mean())
 
 
+def on_grid_of(reference: np.ndarray | torch.Tensor, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``volume`` (e.g. a noise-free map of the particles' full box) on the grid of ``reference`` (a half
+    map of an iteration, made on a grid cropped to its band; same physical size): Fourier-cropped when
+    the reference's box is smaller."""
+    from gmmrefine.fourier.fft import downsample_map
+
+    vol = torch.as_tensor(np.asarray(volume))
+    return downsample_map(vol, int(np.asarray(reference).shape[-1]))
+
+
 def resolution_to_truth(half1: np.ndarray, half2: np.ndarray, truth_map: np.ndarray, apix: float,
                         threshold: float = 0.5) -> float:
-    """Resolution (A) where the FSC of the halves' average to the noise-free map falls below ``threshold``."""
+    """Resolution (A) where the FSC of the halves' average to the noise-free map falls below ``threshold``.
+
+    ``apix`` is the noise-free map's pixel size; half maps on a smaller grid of the same physical size
+    are compared on theirs."""
     avg = torch.as_tensor(0.5 * (np.asarray(half1) + np.asarray(half2)))
-    curve = fourier_shell_correlation(avg, torch.as_tensor(np.asarray(truth_map)))
-    return resolution_at(curve, avg.shape[-1], apix, threshold)
+    truth = on_grid_of(avg, truth_map)
+    curve = fourier_shell_correlation(avg, truth)
+    return resolution_at(curve, avg.shape[-1], apix * np.asarray(truth_map).shape[-1] / avg.shape[-1], threshold)
 
 
 def masked_fsc_to_truth(half1, half2, truth_map, mask) -> float:
     """Mean over the shells up to Nyquist (shell 0 left out) of the FSC between the masked average of
     two half maps and the masked noise-free map: how close a region of a reconstruction is to the truth."""
     avg = 0.5 * (torch.as_tensor(np.asarray(half1)) + torch.as_tensor(np.asarray(half2)))
-    m = torch.as_tensor(np.asarray(mask))
-    curve = fourier_shell_correlation(avg * m, torch.as_tensor(np.asarray(truth_map)) * m)
+    m = on_grid_of(avg, mask).clamp(0, 1)
+    curve = fourier_shell_correlation(avg * m, on_grid_of(avg, truth_map) * m)
     return float(curve[1:].mean())
 
 

@@ -25,7 +25,7 @@ import torch
 
 from gmmrefine.errors import InputError
 from gmmrefine.fourier.ctf import phase_flip
-from gmmrefine.fourier.fft import phase_shift_2d, rfft2_centered
+from gmmrefine.fourier.fft import crop_projection_spectra, fourier_crop_2d, phase_shift_2d, rfft2_centered
 from gmmrefine.fourier.masks import radius_grid, soft_mask_outside_map
 from gmmrefine.geometry.rotations import euler_to_matrix
 from gmmrefine.geometry.shifts import image_translation_px
@@ -44,7 +44,8 @@ def prepare_spectra(
     """Centred, CTF-corrected spectra and their insertion weights.
 
     Args:
-        images: ``(B, D, D)`` particle images (real space, float).
+        images: ``(B, D, D)`` particle images (real space, float), or their complex ``(B, D, D//2+1)``
+            :func:`~gmmrefine.fourier.fft.rfft2_centered` spectra.
         shift_A: ``(B, 2)`` RELION origins (x, y) in angstrom; images are translated by ``+origin``
             so the particle sits at the box centre.
         apix: pixel size in A/px.
@@ -57,7 +58,7 @@ def prepare_spectra(
     """
     if ctf_mode not in CTF_MODES:
         raise ValueError(f"ctf_mode must be one of {CTF_MODES}, got {ctf_mode!r}")
-    spectra = rfft2_centered(images.to(torch.float32))
+    spectra = images.to(torch.complex64) if images.is_complex() else rfft2_centered(images.to(torch.float32))
     spectra = phase_shift_2d(spectra, -image_translation_px(shift_A.to(torch.float32), apix))
     if ctf is None:
         return spectra, None
@@ -118,6 +119,13 @@ def reconstruct_map(
         data /= torch.clamp(weight, min=min_weight)
         data *= ball
     del weight, ball
+    return _grid_to_map(data, box, mask_outside=mask_outside)
+
+
+def _grid_to_map(data: torch.Tensor, box: int, *, mask_outside: bool = True) -> torch.Tensor:
+    """A weighted numerator grid to its ``(D, D, D)`` map: inverse transform (in the grid's own storage,
+    which is overwritten), central crop, corners blended into their mean, gridding correction."""
+    size = data.shape[0]
     vol = _irfftn_inplace(data)
     # fftshift restricted to the central box: output voxel i holds input voxel (i - size//2) mod size.
     lo = size // 2 - box // 2
@@ -325,14 +333,18 @@ def accumulate_images(
     """Fill one accumulator per half set from a stream of image chunks, in one pass.
 
     Args:
-        chunks: iterable of ``(images (B, D, D), matrices (B, 3, 3), shift_A (B, 2), ctf (B, D, D//2+1)
-            or None, subset (B,) ints)``; images of halves not in ``halves`` are skipped.
+        chunks: iterable of ``(images (B, D, D) or their spectra (B, D, D//2+1), matrices (B, 3, 3),
+            shift_A (B, 2), ctf (B, D, D//2+1) or None, subset (B,) ints)``; images of halves not in
+            ``halves`` are skipped.
         box, apix: image size (px) and pixel size (A/px).
         ctf_mode: ``"flip"`` or ``"wiener"`` (see :func:`prepare_spectra`).
         symmetry: ``(K, 3, 3)`` operators (identity included) or None.
         halves: which half sets to fill.
         accs: accumulators to add to (``{half: FourierAccumulator}``, one per half), e.g. a resumed
-            partial pass; new empty ones by default.
+            partial pass; new empty ones by default. Key 0 takes every image of the chunks (a whole
+            set beside its parts); an accumulator of a smaller box than the images gets their spectra
+            Fourier-cropped to it (:func:`~gmmrefine.fourier.fft.crop_projection_spectra`), so one
+            pass can fill a full-size map and small grids for an FSC estimate.
 
     Returns:
         ``{half: FourierAccumulator}``.
@@ -341,12 +353,19 @@ def accumulate_images(
         accs = {h: FourierAccumulator(box, pad=pad, device=device) for h in halves}
 
     def fill(h: int, acc: FourierAccumulator, images, matrices, shift_A, ctf, subset) -> None:
-        sel = torch.nonzero(subset == h).squeeze(1)
+        sel = torch.arange(subset.numel()) if h == 0 else torch.nonzero(subset == h).squeeze(1)
         for start in range(0, sel.numel(), _IMAGES_PER_STEP):
             rows = sel[start:start + _IMAGES_PER_STEP]
             img = images[rows.to(images.device)].to(device)
             c = None if ctf is None else ctf[rows.to(ctf.device)].to(device)
-            spectra, weights = prepare_spectra(img, shift_A[rows.to(shift_A.device)].to(device), apix, c, ctf_mode)
+            acc_apix = apix
+            if acc.box != box:
+                # the same frequencies on a smaller grid of the same physical size
+                img = crop_projection_spectra(img if img.is_complex() else rfft2_centered(img.float()), acc.box)
+                c = None if c is None else fourier_crop_2d(c, acc.box)
+                acc_apix = apix * box / acc.box
+            spectra, weights = prepare_spectra(img, shift_A[rows.to(shift_A.device)].to(device), acc_apix, c,
+                                               ctf_mode)
             acc.insert(spectra, matrices[rows.to(matrices.device)].to(device), weights, symmetry=symmetry)
 
     # On a CPU with several threads the halves fill their own grids at the same time: the scatter
@@ -556,14 +575,18 @@ def symmetry_matrices(sym: str, *, device=None) -> torch.Tensor | None:
 _CTFS_PER_STEP = 32
 
 
-def _ctf_of(ps, indices: np.ndarray, device) -> torch.Tensor:
-    """``(n, D, D//2+1)`` float32 CTFs of particles ``indices``."""
+def _ctf_of(ps, indices: np.ndarray, device, *, box: int | None = None, apix: float | None = None) -> torch.Tensor:
+    """``(n, d, d//2+1)`` float32 CTFs of particles ``indices`` on the grid of a ``box`` of pixel size
+    ``apix`` (default: the particles'; a Fourier-cropped box of the same physical size samples the same
+    CTF at the same frequencies)."""
     from gmmrefine.fourier.ctf import ctf_for_box
 
-    out = torch.empty((len(indices), ps.box, ps.box // 2 + 1), dtype=torch.float32, device=device)
+    box = ps.box if box is None else int(box)
+    apix = ps.apix if apix is None else float(apix)
+    out = torch.empty((len(indices), box, box // 2 + 1), dtype=torch.float32, device=device)
     for start in range(0, len(indices), _CTFS_PER_STEP):
         part = indices[start:start + _CTFS_PER_STEP]
-        out[start:start + len(part)] = ctf_for_box(ps.box, ps.apix, **ps.ctf.as_tensors(part, device=device))
+        out[start:start + len(part)] = ctf_for_box(box, apix, **ps.ctf.as_tensors(part, device=device))
     return out
 
 

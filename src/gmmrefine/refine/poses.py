@@ -143,7 +143,8 @@ def particle_band(images: torch.Tensor, band: FourierBand, ctf: torch.Tensor | N
 
     Args:
         images: ``(B, D, D)`` particle images, not shifted (the optimiser's translations stand for
-            the whole origin: pass ``image_translation_px(shift_A, apix)`` as the start).
+            the whole origin: pass ``image_translation_px(shift_A, apix)`` as the start), or their
+            complex ``(B, D, D//2+1)`` :func:`~gmmrefine.fourier.fft.rfft2_centered` spectra.
         band: the Fourier pixels compared.
         ctf: ``(B, D, D//2+1)`` real CTF of each image (RELION convention), or None (no flip).
 
@@ -153,7 +154,7 @@ def particle_band(images: torch.Tensor, band: FourierBand, ctf: torch.Tensor | N
     from gmmrefine.fourier.ctf import phase_flip
     from gmmrefine.fourier.fft import rfft2_centered
 
-    spectra = rfft2_centered(images.to(torch.float32))
+    spectra = images if images.is_complex() else rfft2_centered(images.to(torch.float32))
     if ctf is not None:
         spectra = phase_flip(spectra, ctf.to(device=spectra.device, dtype=torch.float32))
     return band.gather(spectra).to(torch.complex64)

@@ -1,0 +1,211 @@
+"""What an iteration costs at users' box sizes, against `gmmrefine reconstruct`, the code before the
+working-grid change, and `relion_refine_mpi` (issue 17), in one run.
+
+    python benchmarks/boxes.py --out /tmp/bench_boxes [--boxes 128 256 384 512 --counts 100 2000
+                               --baseline /path/to/old/src --relion]
+
+1. Per box: the bundled adk model simulated at 1 A/px (``--sim-n`` images, SNR 0.05, poses 3 degrees and
+   1 A off), and STAR files of each ``--counts`` rows cycling through that stack (the images are read
+   from disk as real data; ``replicate_star`` of benchmarks/reconstruct.py). Same protein, same pixel
+   size, same band at every box.
+2. Per box and count: ``gmmrefine refine --iterations auto --max-iterations 1 --resolution-start 8``
+   (one refinement iteration in the band 50-8 A): from its ``state.json`` the wall time of iteration 0
+   (the full-size reconstruction at the input poses and the start FSC), of iteration 1 (both halves'
+   GMM fits, pose refinement and working-grid reconstruction) and of the full-size maps of the final
+   poses; peak RSS by ``/usr/bin/time -v``. Beside it ``gmmrefine reconstruct --ctf wiener`` of the same
+   particles (the peer the fixed part is judged against).
+3. ``--baseline SRC``: the same ``refine --iterations 1 --resolution-start 8`` run with the package in
+   ``SRC`` (a checkout of the code before this change with its C library built, e.g. ``git worktree add
+   /tmp/old 2183d11 && cd /tmp/old && python setup.py build_ext --inplace``), at the smallest count.
+4. ``--relion``: at box 256, ``--relion-n`` particles of an octahedral assembly of adk (24 copies, 576 kDa)
+   whose copies' lids hinge independently (C1 data), poses 3 degrees and 1 A off: ``gmmrefine refine``
+   (``--iterations auto``) and ``relion_refine_mpi`` local auto-refine (``benchmarks/refine.py``
+   ``RELION_OPTIONS``, reference: our start map low-passed to 8 A), each to convergence, same 2 cores:
+   seconds per iteration, total, pose error and masked FSC to the noise-free map, peak RSS.
+
+Writes ``results.json`` in ``--out`` and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reconstruct import measured, replicate_star  # noqa: E402
+
+MODEL = Path(__file__).resolve().parents[1] / "src" / "gmmrefine" / "data" / "adk_open.pdb"
+
+
+def gm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gmmrefine", *args]
+
+
+def simulate(out: Path, box: int, n: int, *extra: str, name: str | None = None) -> Path:
+    sim = out / (name or f"sim_{box}")
+    if not (sim / "particles_perturbed.star").is_file():
+        subprocess.run(gm("simulate", "--model", str(MODEL), "--n", str(n), "--box", str(box), "--apix", "1.0",
+                          "--snr", "0.05", "--perturb-deg", "3", "--perturb-A", "1", "--seed", "11", "--device", "cpu",
+                          "--out", str(sim), *extra), check=True, stdout=subprocess.DEVNULL)
+    return sim
+
+
+def step_seconds(job: Path) -> dict:
+    """Seconds of iteration 0, of the refinement iterations (each half's GMM and refine steps) and of the
+    full-size maps, from the job's ``state.json``."""
+    done = json.loads((job / "state.json").read_text())["done"]
+    its: dict[str, float] = {}
+    for step, info in done.items():
+        if not isinstance(info, dict) or "seconds" not in info:
+            continue
+        it = step.split("/")[0]
+        if step.endswith("/full_maps"):
+            its["full_maps"] = its.get("full_maps", 0.0) + info["seconds"]
+        else:
+            its[it] = its.get(it, 0.0) + info["seconds"]
+    boxes = {step: (info.get("work_box"), info.get("map_box")) for step, info in done.items()
+             if isinstance(info, dict) and "work_box" in info}
+    return {"it000_s": its.get("it000", 0.0), "iterations_s": [v for k, v in sorted(its.items())
+                                                               if k.startswith("it") and k != "it000"],
+            "full_maps_s": its.get("full_maps", 0.0), "boxes": boxes}
+
+
+def box_rows(out: Path, boxes: list[int], counts: list[int], sim_n: int, baseline: Path | None) -> list[dict]:
+    rows = []
+    for box in boxes:
+        sim = simulate(out, box, sim_n)
+        for n in counts:
+            star = out / f"box{box}_n{n}.star"
+            if not star.is_file():
+                replicate_star(sim / "particles_perturbed.star", star, n)
+            row: dict = {"box": box, "n": n}
+            rec = out / f"rec_{box}_{n}"
+            shutil.rmtree(rec, ignore_errors=True)
+            row["reconstruct"] = measured(gm("reconstruct", "--particles", str(star), "--out", str(rec), "--ctf", "wiener"))
+            job = out / f"job_{box}_{n}"
+            shutil.rmtree(job, ignore_errors=True)
+            row["refine"] = measured(gm("refine", "--particles", str(star), "--out", str(job), "--iterations", "auto",
+                                     "--max-iterations", "1", "--resolution-start", "8"))
+            row["refine"].update(step_seconds(job))
+            if baseline is not None and n == min(counts):
+                old = out / f"old_{box}_{n}"
+                shutil.rmtree(old, ignore_errors=True)
+                env = dict(os.environ, PYTHONPATH=str(baseline))
+                row["baseline"] = measured(gm("refine", "--particles", str(star), "--out", str(old), "--iterations", "1",
+                                           "--resolution-start", "8"), env=env)
+                row["baseline"].update(step_seconds(old))
+            rows.append(row)
+            print_row(row, flush=True)
+            shutil.rmtree(rec, ignore_errors=True)
+    return rows
+
+
+def print_row(r: dict, flush: bool = False) -> None:
+    f = r["refine"]
+    it1 = f["iterations_s"][0] if f["iterations_s"] else float("nan")
+    rec = r["reconstruct"]
+    line = (f"{r['box']:4d} {r['n']:6d}  refine {f['wall_s']:7.0f} s (it000 {f['it000_s']:6.0f}, iteration "
+            f"{it1:6.1f}, full maps {f['full_maps_s']:6.0f}) {f['peak_rss_MB']:7.0f} MB | reconstruct {rec['wall_s']:6.0f} s "
+            f"{rec['peak_rss_MB']:6.0f} MB | iteration / reconstruct {it1 / rec['wall_s']:.2f}")
+    if "baseline" in r:
+        b = r["baseline"]
+        line += (f" | before: {b['wall_s']:.0f} s (iteration {b['iterations_s'][0] if b['iterations_s'] else 0:.0f}) "
+                 f"{b['peak_rss_MB']:.0f} MB, {b['wall_s'] / f['wall_s']:.1f}x")
+    print(line, flush=flush)
+
+
+def relion_comparison(out: Path, n: int) -> dict:
+    """Box 256, an O assembly of adk (per-copy hinges), gmmrefine against relion_refine_mpi, to convergence."""
+    import torch
+
+    from gmmrefine.fourier.filters import low_pass
+    from gmmrefine.io.mrc import read_map, write_map
+    from gmmrefine.io.particles import read_particles
+    from gmmrefine.pipeline.evaluate import masked_fsc_to_truth, pose_errors
+    from refine import RELION_OPTIONS, relion_poses, truth_mask
+
+    sim = simulate(out, 256, n, "--sym", "O", "--hinge-residues", "122-159", "--hinge-deg", "8", name=f"sim_O256_{n}")
+    truth = read_particles(sim / "particles.star")
+    truth_map, apix = read_map(sim / "truth_map.mrc")
+    mask = truth_mask(truth_map, apix)
+    result: dict = {"n": n}
+    job = out / "relion_cmp_gmmrefine"
+    shutil.rmtree(job, ignore_errors=True)
+    result["gmmrefine"] = measured(gm("refine", "--particles", str(sim / "particles_perturbed.star"), "--out", str(job)))
+    steps = step_seconds(job)
+    final = read_particles(job / "final" / "particles.star")
+    ang, sh = pose_errors(final.angles_deg, final.shift_A, truth.angles_deg, truth.shift_A)
+    h1, h2 = (read_map(job / "final" / f"half{h}.mrc")[0] for h in (1, 2))
+    result["gmmrefine"].update(steps, iterations=len(steps["iterations_s"]),
+                               seconds_per_iteration=float(np.mean(steps["iterations_s"])), angular_error_deg=ang,
+                               shift_error_A=sh, masked_fsc=masked_fsc_to_truth(h1, h2, truth_map, mask))
+    rdir = out / "relion_cmp_relion"
+    shutil.rmtree(rdir, ignore_errors=True)
+    rdir.mkdir(parents=True)
+    s1, s2 = (torch.as_tensor(read_map(job / "it000" / f"half{h}.mrc")[0]) for h in (1, 2))
+    write_map(rdir / "ref.mrc", low_pass(0.5 * (s1 + s2), 8.0, apix).numpy(), apix)
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi",
+           "--i", "particles_perturbed.star", "--o", str(rdir / "run"), "--ref", str(rdir / "ref.mrc"),
+           "--particle_diameter", "180", *RELION_OPTIONS]
+    t0 = time.time()
+    result["relion"] = measured(cmd, cwd=sim)
+    its = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
+    stamps = [t0] + [p.stat().st_mtime for p in its]
+    per_it = [b - a for a, b in zip(stamps[1:-1], stamps[2:])]
+    angles, shifts = relion_poses(rdir / "run_data.star", truth)
+    ang, sh = pose_errors(angles, shifts, truth.angles_deg, truth.shift_A)
+    r1 = read_map(rdir / "run_half1_class001_unfil.mrc")[0]
+    r2 = read_map(rdir / "run_half2_class001_unfil.mrc")[0]
+    result["relion"].update(command=" ".join(cmd), iterations=len(its) - 1, seconds_per_iteration_each=per_it,
+                            seconds_per_iteration=float(np.mean(per_it)) if per_it else None,
+                            angular_error_deg=ang, shift_error_A=sh,
+                            masked_fsc=masked_fsc_to_truth(r1, r2, truth_map, mask))
+    start = read_particles(sim / "particles_perturbed.star")
+    result["start"] = dict(zip(("angular_error_deg", "shift_error_A"),
+                               pose_errors(start.angles_deg, start.shift_A, truth.angles_deg, truth.shift_A)))
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--boxes", type=int, nargs="+", default=[128, 256, 384, 512])
+    parser.add_argument("--counts", type=int, nargs="+", default=[100, 2000])
+    parser.add_argument("--sim-n", type=int, default=200, help="simulated images per box (the rows cycle through them)")
+    parser.add_argument("--baseline", type=Path, default=None, help="src folder of the code to compare with")
+    parser.add_argument("--relion", action="store_true", help="also the box-256 comparison with relion_refine_mpi")
+    parser.add_argument("--relion-n", type=int, default=2000)
+    args = parser.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                     "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    print("box      n  gmmrefine refine --iterations auto --max-iterations 1 --resolution-start 8 | peer")
+    results["boxes"] = box_rows(out, args.boxes, args.counts, args.sim_n, args.baseline)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    if args.relion:
+        r = results["relion"] = relion_comparison(out, args.relion_n)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        g, rl = r["gmmrefine"], r["relion"]
+        print(f"\nbox 256, {r['n']} particles, O assembly (C1), start {r['start']['angular_error_deg']:.2f} deg / "
+              f"{r['start']['shift_error_A']:.2f} A")
+        print("program      iterations  s/iteration  total s  peak MB  ang_err  shift_err  masked FSC")
+        for name, x in (("gmmrefine", g), ("relion", rl)):
+            print(f"{name:11s} {x['iterations']:11d}  {x['seconds_per_iteration'] or 0:11.0f}  {x['wall_s']:7.0f}  "
+                  f"{x['peak_rss_MB']:7.0f}  {x['angular_error_deg']:7.3f}  {x['shift_error_A']:9.3f}  "
+                  f"{x['masked_fsc']:10.4f}")
+        print(f"per iteration: {rl['seconds_per_iteration'] / g['seconds_per_iteration']:.1f}x faster; total "
+              f"{rl['wall_s'] / g['wall_s']:.1f}x; peak RSS {g['peak_rss_MB'] / rl['peak_rss_MB']:.2f} of RELION's")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

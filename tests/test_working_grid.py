@@ -1,0 +1,100 @@
+"""Refinement on grids cropped to the band (issue 17): what runs at which box, full-size final maps that
+match a plain reconstruction, and the gold standard kept when each half picks its own grid."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gmmrefine.cli.main import main as cli_main
+from gmmrefine.fourier.fsc import fourier_shell_correlation
+from gmmrefine.gmm.model import GaussianMixture
+from gmmrefine.io.mrc import open_stack, read_map, write_stack
+from gmmrefine.io.particles import read_particles
+from gmmrefine.refine.global_refine import _fft_friendly, working_box
+
+BOX, APIX = 96, 2.0
+# One refinement iteration in the band 40-14 A: its working grid is 60 px (3.2 A/px), the box 96.
+REFINE = ["--iterations", "auto", "--max-iterations", "1", "--resolution-start", "14", "--gmm-steps", "40",
+          "--minres", "40"]
+
+
+def _refine(star: Path, out: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "gmmrefine", "refine", "--particles", str(star), "--out", str(out),
+                        *REFINE], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, adk_open_pdb):
+    root = tmp_path_factory.mktemp("working_grid")
+    sim = root / "sim"
+    assert cli_main(["simulate", "--model", str(adk_open_pdb), "--n", "240", "--box", str(BOX), "--apix", str(APIX),
+                     "--snr", "0.2", "--origin-sigma-px", "1", "--perturb-deg", "4", "--perturb-A", "1", "--seed", "2",
+                     "--out", str(sim)]) == 0
+    changed = root / "sim_half2_changed"
+    shutil.copytree(sim, changed)
+    ps = read_particles(changed / "particles_perturbed.star")
+    stack = np.array(open_stack(changed / "particles.mrcs"), dtype=np.float32)
+    rows = ps.image_index[ps.subset == 2]
+    stack[rows] += np.random.default_rng(7).normal(0, stack.std(), stack[rows].shape).astype(np.float32)
+    write_stack(changed / "particles.mrcs", stack, ps.apix)
+    _refine(sim / "particles_perturbed.star", root / "A")
+    _refine(changed / "particles_perturbed.star", root / "B")
+    return dict(root=root, sim=sim, A=root / "A", B=root / "B")
+
+
+def test_working_box_holds_the_band_with_margin_and_a_fast_fft():
+    for box, apix, res in ((96, 2.0, 14.0), (256, 1.0, 9.8), (512, 1.0, 8.0), (128, 1.0, 3.4), (300, 0.83, 4.0)):
+        d = working_box(box, apix, res)
+        nyquist_A = 2 * apix * box / d
+        assert d % 2 == 0 and d <= box and _fft_friendly(d), (box, d)
+        assert d == box or nyquist_A <= res / 1.25, (box, apix, res, d, nyquist_A)
+    assert working_box(96, 2.0, 14.0) == 60
+    assert working_box(256, 1.0, 9.8) == 90    # the issue's 400 particles: 90^3 grids instead of 256^3
+    assert working_box(128, 1.0, 3.4) == 120
+
+
+def test_iterations_run_on_the_working_grid_and_the_result_is_full_size(runs):
+    job = runs["A"]
+    done = json.loads((job / "state.json").read_text())["done"]
+    for h in (1, 2):
+        step = done[f"it001/half{h}/refine"]
+        assert step["work_box"] == step["map_box"] == 60
+        assert done[f"it001/half{h}/gmm"]["map_box"] == 60
+        start, apix = read_map(job / "it000" / f"half{h}.mrc")
+        assert start.shape == (60,) * 3 and apix == pytest.approx(APIX * BOX / 60)
+        final, apix = read_map(job / "final" / f"half{h}.mrc")
+        assert final.shape == (BOX,) * 3 and apix == pytest.approx(APIX)
+    assert "it001/full_maps" in done and "full-size half maps" in (job / "log.txt").read_text()
+    fsc = json.loads((job / "it001" / "fsc.json").read_text())
+    assert fsc["frequency_inv_A"][-1] == pytest.approx(1 / (2 * APIX))
+    assert 5.0 < fsc["resolution_A"] < 40.0 and "working_resolution_A" in fsc and "convergence" in fsc
+
+
+def test_full_size_maps_are_a_plain_reconstruction_at_the_final_poses(runs, tmp_path):
+    job = runs["A"]
+    assert cli_main(["reconstruct", "--particles", str(job / "final" / "particles.star"), "--out", str(tmp_path / "r"),
+                     "--ctf", "wiener"]) == 0
+    for h in (1, 2):
+        ours = torch.as_tensor(read_map(job / "final" / f"half{h}.mrc")[0])
+        plain = torch.as_tensor(read_map(tmp_path / "r" / f"half{h}.mrc")[0])
+        # the final poses are stored as Euler angles and both insert at them: the same map
+        assert float(fourier_shell_correlation(ours, plain)[1:BOX // 2].min()) > 0.9999
+
+
+def test_gold_standard_half1_ignores_half2_on_working_grids(runs):
+    a, b = runs["A"], runs["B"]
+    for name in ("it000/half1.mrc", "it001/half1.mrc", "final/half1.mrc"):
+        assert np.array_equal(read_map(a / name)[0], read_map(b / name)[0]), name
+    ga, gb = (GaussianMixture.load(j / "it001" / "gmm_half1.npz") for j in (a, b))
+    assert torch.equal(ga.centers_A, gb.centers_A) and torch.equal(ga.widths_A, gb.widths_A)
+    with np.load(a / "it001" / "poses_half1.npz") as za, np.load(b / "it001" / "poses_half1.npz") as zb:
+        for key in ("angles_deg", "shift_A", "precision_deg"):
+            assert np.array_equal(za[key], zb[key]), key
+    assert not np.array_equal(read_map(a / "final" / "half2.mrc")[0], read_map(b / "final" / "half2.mrc")[0])
