@@ -78,12 +78,13 @@ def step_seconds(job: Path) -> dict:
             "full_maps_s": its.get("full_maps", 0.0), "boxes": boxes}
 
 
-def box_rows(out: Path, boxes: list[int], counts: list[int], sim_n: int, baseline: Path | None) -> list[dict]:
+def box_rows(out: Path, boxes: list[int], counts: list[int], sim_n: int, baseline: Path | None,
+             baseline_boxes: list[int], largest_box_counts: list[int] | None) -> list[dict]:
     rows = []
     for box in boxes:
         sim = simulate(out, box, sim_n)
-        for n in counts:
-            star = out / f"box{box}_n{n}.star"
+        for n in (largest_box_counts or counts) if box == max(boxes) else counts:
+            star = sim / f"n{n}.star"  # beside the stack its image names point to
             if not star.is_file():
                 replicate_star(sim / "particles_perturbed.star", star, n)
             row: dict = {"box": box, "n": n}
@@ -95,7 +96,7 @@ def box_rows(out: Path, boxes: list[int], counts: list[int], sim_n: int, baselin
             row["refine"] = measured(gm("refine", "--particles", str(star), "--out", str(job), "--iterations", "auto",
                                      "--max-iterations", "1", "--resolution-start", "8"))
             row["refine"].update(step_seconds(job))
-            if baseline is not None and n == min(counts):
+            if baseline is not None and n == min(counts) and box in baseline_boxes:
                 old = out / f"old_{box}_{n}"
                 shutil.rmtree(old, ignore_errors=True)
                 env = dict(os.environ, PYTHONPATH=str(baseline))
@@ -154,7 +155,7 @@ def relion_comparison(out: Path, n: int) -> dict:
     write_map(rdir / "ref.mrc", low_pass(0.5 * (s1 + s2), 8.0, apix).numpy(), apix)
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi",
            "--i", "particles_perturbed.star", "--o", str(rdir / "run"), "--ref", str(rdir / "ref.mrc"),
-           "--particle_diameter", "180", *RELION_OPTIONS]
+           "--particle_diameter", "140", *RELION_OPTIONS]
     t0 = time.time()
     result["relion"] = measured(cmd, cwd=sim)
     its = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
@@ -181,6 +182,10 @@ def main() -> int:
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 2000])
     parser.add_argument("--sim-n", type=int, default=200, help="simulated images per box (the rows cycle through them)")
     parser.add_argument("--baseline", type=Path, default=None, help="src folder of the code to compare with")
+    parser.add_argument("--baseline-boxes", type=int, nargs="+", default=[128, 256],
+                        help="boxes the baseline runs at (it reconstructs three full-size maps per half per iteration)")
+    parser.add_argument("--largest-box-counts", type=int, nargs="+", default=None,
+                        help="counts at the largest box only (default: --counts)")
     parser.add_argument("--relion", action="store_true", help="also the box-256 comparison with relion_refine_mpi")
     parser.add_argument("--relion-n", type=int, default=2000)
     args = parser.parse_args()
@@ -189,7 +194,8 @@ def main() -> int:
     results: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     print("box      n  gmmrefine refine --iterations auto --max-iterations 1 --resolution-start 8 | peer")
-    results["boxes"] = box_rows(out, args.boxes, args.counts, args.sim_n, args.baseline)
+    results["boxes"] = box_rows(out, args.boxes, args.counts, args.sim_n, args.baseline, args.baseline_boxes,
+                                args.largest_box_counts)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if args.relion:
         r = results["relion"] = relion_comparison(out, args.relion_n)

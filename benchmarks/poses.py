@@ -205,10 +205,10 @@ def information_floor(sim: Path, rows: np.ndarray, band, ctf_mode: str, *, grid_
 # Drift from the truth against the noise-free map's GMM
 # ------------------------------------------------------------------------------------------------
 
-def drift_from_truth(sim: Path, rows: np.ndarray, band, ctf_mode: str, settings: dict, passes: int = 3,
+def drift_from_truth(sim: Path, rows: np.ndarray, band, settings: dict, passes: int = 3,
                      gmm_steps: int = 150) -> dict:
-    """Mean errors after each pass of each optimiser setting started at the true poses, against a GMM
-    of the noise-free map built in ``band`` (the refinement's N rule)."""
+    """Mean errors after each pass of each optimiser setting (``name: (PoseSettings, ctf mode)``) started
+    at the true poses, against a GMM of the noise-free map built in ``band`` (the refinement's N rule)."""
     from gmmrefine.fourier.filters import low_pass
     from gmmrefine.gmm.build import REFERENCE_SPACING_FRACTION, build_gmm, estimate_n
     from gmmrefine.geometry.rotations import rotation_angle_deg
@@ -216,13 +216,13 @@ def drift_from_truth(sim: Path, rows: np.ndarray, band, ctf_mode: str, settings:
     from gmmrefine.refine.poses import refine_poses, ring_correlations_at
     from gmmrefine.refine.snr import expected_correlation, fit_ring_snr
 
-    p = Particles(sim, rows, band, ctf_mode)
     vol, apix = read_map(sim / "truth_map.mrc")
     reference = low_pass(torch.as_tensor(vol), band.maxres_A, apix)
     n = estimate_n(reference, apix, band.maxres_A, spacing_fraction=REFERENCE_SPACING_FRACTION)
     gmm, info = build_gmm(reference, apix, band.maxres_A, n=n, seed=0, steps=gmm_steps)
     out = {"n_gaussians": gmm.n, "gmm_fsc09_A": info.get("resolution_fsc09_A")}
-    for name, pose in settings.items():
+    for name, (pose, ctf_mode) in settings.items():
+        p = Particles(sim, rows, band, ctf_mode)
         rot, t = p.rot.clone(), p.t_px.clone()
         errors = []
         t0 = time.perf_counter()
@@ -235,7 +235,13 @@ def drift_from_truth(sim: Path, rows: np.ndarray, band, ctf_mode: str, settings:
             rot, t = res.rotations, res.translation_px
             errors.append((float(rotation_angle_deg(rot.double(), p.rot.double()).mean()),
                            float((t - p.t_px).norm(dim=1).mean()) * apix))
-        out[name] = {"per_pass": errors, "seconds": time.perf_counter() - t0}
+        out[name] = {"per_pass": errors, "seconds": time.perf_counter() - t0, "ctf": ctf_mode}
+        if res.covariance is not None:  # the precision against the truth in the oracle setting
+            from gmmrefine.refine.poses import pose_precision
+
+            prec_deg, prec_A = pose_precision(res.covariance, apix)
+            err = rotation_angle_deg(rot.double(), p.rot.double()).float()
+            out[name]["error_over_precision_rms_deg"] = float(((err / prec_deg) ** 2).mean().sqrt())
     return out
 
 
@@ -244,6 +250,9 @@ def drift_from_truth(sim: Path, rows: np.ndarray, band, ctf_mode: str, settings:
 # ------------------------------------------------------------------------------------------------
 
 def score_iterations(sim: Path, job: Path, truth_fsc: float, mask: np.ndarray) -> list[dict]:
+    """Per iteration: pose errors, gold-standard resolution, time and convergence; the masked FSC to the
+    truth for the iterations whose maps are full size (the last one, after its full-size pass; the
+    others are on working grids). The final row is ``final/``."""
     from gmmrefine.geometry.rotations import euler_to_matrix, rotation_angle_deg
     from gmmrefine.io.mrc import read_map
     from gmmrefine.io.particles import read_particles
@@ -258,10 +267,10 @@ def score_iterations(sim: Path, job: Path, truth_fsc: float, mask: np.ndarray) -
         ang, sh = pose_errors(ps.angles_deg, ps.shift_A, truth.angles_deg, truth.shift_A)
         fsc = json.loads((d / "fsc.json").read_text())
         h1, h2 = read_map(d / "half1.mrc")[0], read_map(d / "half2.mrc")[0]
-        masked = masked_fsc_to_truth(h1, h2, truth_map, mask)
+        masked = masked_fsc_to_truth(h1, h2, truth_map, mask) if h1.shape == truth_map.shape else None
         row = {"iteration": k, "angular_error_deg": ang, "shift_error_A": sh, "gold_standard_A": fsc["resolution_A"],
-               "masked_fsc": masked, "masked_fsc_over_true_poses": masked / truth_fsc, "seconds": fsc.get("seconds"),
-               "convergence": fsc.get("convergence", {}).get("reason")}
+               "masked_fsc": masked, "masked_fsc_over_true_poses": None if masked is None else masked / truth_fsc,
+               "seconds": fsc.get("seconds"), "convergence": fsc.get("convergence", {}).get("reason")}
         if "gmmAngularPrecisionDeg" in ps.particles:
             err = rotation_angle_deg(euler_to_matrix(torch.as_tensor(ps.angles_deg)),
                                      euler_to_matrix(torch.as_tensor(truth.angles_deg))).numpy()
@@ -275,11 +284,14 @@ def score_iterations(sim: Path, job: Path, truth_fsc: float, mask: np.ndarray) -
     return rows
 
 
-def run_refine(sim: Path, job: Path, options: list[str]) -> float:
+def run_refine(sim: Path, job: Path, options: list[str], code: Path | None = None) -> float:
+    """Wall seconds of ``gmmrefine refine`` from the perturbed poses (``code``: a src folder to run instead
+    of the installed package, e.g. the code before this change)."""
     shutil.rmtree(job, ignore_errors=True)
+    env = None if code is None else dict(os.environ, PYTHONPATH=str(code))
     t0 = time.perf_counter()
     subprocess.run(GM + ["refine", "--particles", str(sim / "particles_perturbed.star"), "--out", str(job), *options],
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - t0
 
 
@@ -349,12 +361,15 @@ def main() -> int:
     parser.add_argument("--snrs", type=float, nargs="+", default=[0.1, 0.03])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--minres", type=float, default=50.0)
-    parser.add_argument("--ctf", default="flip", help="--ctf of the refinements and the floor's objective")
+    parser.add_argument("--ctf", default="full", help="--ctf of the Newton refinement and the floor's objective")
     parser.add_argument("--floor-n", type=int, default=300, help="particles the floor and drift are measured on")
     parser.add_argument("--paper-iterations", type=int, default=3)
     parser.add_argument("--relion", action="store_true", help="also run relion_refine_mpi local auto-refine")
     parser.add_argument("--diameter", type=float, default=70.0, help="particle diameter for RELION, A")
     parser.add_argument("--skip-refine", action="store_true", help="floors and drift only (uses existing jobs)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="src folder of the code before this change: its refine (the paper's optimiser, "
+                             "--iterations 3) is today's cost and accuracy")
     args = parser.parse_args()
 
     from gmmrefine.io.mrc import read_map
@@ -365,29 +380,34 @@ def main() -> int:
     results: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "snr": {}}
     low = min(args.snrs)
-    for snr in sorted(args.snrs, reverse=True):
+    for snr in sorted(args.snrs):  # the lowest first: its Newton run sets the band of every floor
         sim = simulate(out, args.n, args.box, args.apix, snr, args.seed)
         truth_map, apix = read_map(sim / "truth_map.mrc")
         mask = truth_mask(truth_map, apix)
         entry: dict = {"true_pose_masked_fsc": true_pose_fsc(sim, out, mask)}
-        newton_job, paper_job = out / f"newton_snr{snr:g}", out / f"paper_snr{snr:g}"
+        jobs = {"newton": out / f"newton_snr{snr:g}", "paper": out / f"paper_snr{snr:g}"}
+        if args.baseline is not None:
+            jobs["today"] = out / f"today_snr{snr:g}"
+        paper = ["--optimiser", "paper", "--ctf", "flip", "--iterations", str(args.paper_iterations)]
         if snr == low and not args.skip_refine:
-            entry["newton_wall_s"] = run_refine(sim, newton_job, ["--ctf", args.ctf])
-            entry["paper_wall_s"] = run_refine(sim, paper_job, ["--ctf", args.ctf, "--optimiser", "paper",
-                                                                "--iterations", str(args.paper_iterations)])
-        if newton_job.is_dir():
-            entry["newton"] = score_iterations(sim, newton_job, entry["true_pose_masked_fsc"], mask)
-            entry["paper"] = score_iterations(sim, paper_job, entry["true_pose_masked_fsc"], mask)
-            band = final_band(newton_job, args.box, apix, args.minres)
+            entry["newton_wall_s"] = run_refine(sim, jobs["newton"], ["--ctf", args.ctf])
+            entry["paper_wall_s"] = run_refine(sim, jobs["paper"], paper)
+            if "today" in jobs:
+                entry["today_wall_s"] = run_refine(sim, jobs["today"], ["--iterations", str(args.paper_iterations)],
+                                                   code=args.baseline)
+        if jobs["newton"].is_dir():
+            for name, job in jobs.items():
+                entry[name] = score_iterations(sim, job, entry["true_pose_masked_fsc"], mask)
+            band = final_band(jobs["newton"], args.box, apix, args.minres)
         else:  # the band the low-SNR Newton run ended at
             band = final_band(out / f"newton_snr{low:g}", args.box, apix, args.minres)
         rows = np.arange(min(args.floor_n, args.n))
         entry["floor"] = information_floor(sim, rows, band, args.ctf)
-        entry["drift"] = drift_from_truth(sim, rows, band, args.ctf, {
-            "newton": PoseSettings(optimiser="newton", objective="snr"),
-            "paper": PoseSettings(optimiser="paper", objective="frc")})
+        entry["drift"] = drift_from_truth(sim, rows, band, {
+            "newton": (PoseSettings(optimiser="newton", objective="snr"), args.ctf),
+            "paper": (PoseSettings(optimiser="paper", objective="frc"), "flip")})
         if snr == low and args.relion:
-            entry["relion"] = run_relion(sim, out, newton_job, entry["true_pose_masked_fsc"], mask, args.diameter)
+            entry["relion"] = run_relion(sim, out, jobs["newton"], entry["true_pose_masked_fsc"], mask, args.diameter)
         results["snr"][str(snr)] = entry
         (out / "results.json").write_text(json.dumps(results, indent=2))
         report(snr, entry)
@@ -404,23 +424,37 @@ def report(snr: float, e: dict) -> None:
           "(deg / A) and ratio to the floor:")
     for name in ("newton", "paper"):
         passes = "  ".join(f"{a:.3f}/{s:.3f} ({a / f['angular_error_deg']:.2f}x)" for a, s in d[name]["per_pass"])
-        print(f"  {name:7s} {passes}")
+        calib = d[name].get("error_over_precision_rms_deg")
+        print(f"  {name:7s} ({d[name]['ctf']}) {passes}" + (f"  error/precision rms {calib:.2f}" if calib else ""))
     if "newton" not in e:
         return
     print(f"masked FSC to truth at the true poses: {e['true_pose_masked_fsc']:.4f}")
     print("run     it  ang_err  shift_err  gap_ang  gap_shift  gold_A  maskedFSC  /true  err/prec(ang,shift)  seconds")
-    for name in ("newton", "paper"):
+    for name in ("newton", "paper", "today"):
+        if name not in e:
+            continue
         rows = e[name]
         a0, s0 = rows[0]["angular_error_deg"], rows[0]["shift_error_A"]
         for r in rows:
-            gap_a = (a0 - r["angular_error_deg"]) / max(a0 - f["angular_error_deg"], 1e-9)
-            gap_s = (s0 - r["shift_error_A"]) / max(s0 - f["shift_error_A"], 1e-9)
+            # fraction of the gap between the start and the floor closed (NaN if the floor is not below the start)
+            gap_a = (a0 - r["angular_error_deg"]) / (a0 - f["angular_error_deg"]) if a0 > f["angular_error_deg"] \
+                else float("nan")
+            gap_s = (s0 - r["shift_error_A"]) / (s0 - f["shift_error_A"]) if s0 > f["shift_error_A"] else float("nan")
             calib = (f"{r['error_over_precision_rms_deg']:.2f},{r['error_over_precision_rms_A']:.2f}"
                      if "error_over_precision_rms_deg" in r else "-")
+            masked = "-" if r["masked_fsc"] is None else f"{r['masked_fsc']:.4f}"
+            ratio = "-" if r["masked_fsc"] is None else f"{r['masked_fsc_over_true_poses']:.3f}"
             print(f"{name:7s} {r['iteration']:2d}  {r['angular_error_deg']:7.3f}  {r['shift_error_A']:9.3f}  "
-                  f"{gap_a:7.0%}  {gap_s:9.0%}  {r['gold_standard_A']:6.2f}  {r['masked_fsc']:9.4f}  "
-                  f"{r['masked_fsc_over_true_poses']:5.3f}  {calib:>19s}  {r['seconds'] or 0:7.0f}")
-        print(f"{name}: wall time {e[f'{name}_wall_s']:.0f} s")
+                  f"{gap_a:7.0%}  {gap_s:9.0%}  {r['gold_standard_A']:6.2f}  {masked:>9s}  {ratio:>5s}  {calib:>19s}  "
+                  f"{r['seconds'] or 0:7.0f}")
+        per_it = [r["seconds"] for r in rows[1:] if r["seconds"]]
+        print(f"{name}: wall time {e[f'{name}_wall_s']:.0f} s, {len(per_it)} iterations, "
+              f"{np.mean(per_it):.0f} s per iteration")
+    if "today" in e:
+        t_it = np.mean([r["seconds"] for r in e["today"][1:]])
+        n_it = np.mean([r["seconds"] for r in e["newton"][1:]])
+        print(f"newton against today's code: {n_it / t_it:.2f}x the time per iteration, "
+              f"{e['newton_wall_s'] / e['today_wall_s']:.2f}x the total time")
     if "relion" in e:
         r = e["relion"]
         print(f"relion_refine_mpi: {r['wall_s']:.0f} s, {r['iterations']} iterations, {r['angular_error_deg']:.3f} deg, "

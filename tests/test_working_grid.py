@@ -98,3 +98,22 @@ def test_gold_standard_half1_ignores_half2_on_working_grids(runs):
         for key in ("angles_deg", "shift_A", "precision_deg"):
             assert np.array_equal(za[key], zb[key]), key
     assert not np.array_equal(read_map(a / "final" / "half2.mrc")[0], read_map(b / "final" / "half2.mrc")[0])
+
+
+def test_grids_go_to_the_cpu_when_the_gpu_cannot_hold_them(monkeypatch):
+    """The CUDA planning path, run with a mocked free-memory figure (no GPU needed)."""
+    from gmmrefine.reconstruct import invert
+
+    assert invert.map_bytes(512) == 25 * 1024 * 1024 * 513
+    assert 1.6e9 < invert.map_bytes(256) < 1.8e9
+    assert invert.grid_device("cpu", [512]) == torch.device("cpu")
+    calls = []
+
+    def free(device=None):
+        calls.append(device)
+        return (12 * 2**30, 80 * 2**30)
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free)
+    assert invert.grid_device("cuda:0", [256, 256, 384]) == torch.device("cuda:0")  # 9.0 GB of 12 GiB
+    assert invert.grid_device("cuda:0", [512]) == torch.device("cpu")               # 13.4 GB > 0.8 * 12 GiB
+    assert len(calls) == 2

@@ -544,6 +544,30 @@ def reconstruct_maps_low_memory(accs: dict[int, FourierAccumulator], *, symmetry
     return maps
 
 
+#: Bytes per voxel of a padded Fourier grid while a map is made from it: the accumulator (complex data,
+#: real weight) and the inversion's work space (a complex grid, the inverse weights, the ball).
+GRID_BYTES_PER_VOXEL = 12 + 13
+
+
+def map_bytes(box: int, pad: int = 2) -> int:
+    """Memory one map of ``box`` takes to reconstruct, at its peak (accumulator plus inversion): about
+    1.7 GB at box 256, 5.7 GB at 384 and 13.5 GB at 512 (measured peak RSS of a box-512 refinement:
+    14.4 GB)."""
+    size = pad * box
+    return GRID_BYTES_PER_VOXEL * size * size * (size // 2 + 1)
+
+
+def grid_device(device, boxes: Iterable[int], *, fraction: float = 0.8) -> torch.device:
+    """Where the accumulators of a pass live: on ``device``, unless it is a GPU whose free memory cannot
+    hold the maps of ``boxes`` at once (then on the CPU, where the insertion runs in C; the spectra are
+    copied there block by block)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    free = int(torch.cuda.mem_get_info(device)[0])
+    return device if sum(map_bytes(b) for b in boxes) <= fraction * free else torch.device("cpu")
+
+
 def release_free_memory() -> None:
     """Return freed heap memory to the operating system (glibc ``malloc_trim``; no-op elsewhere).
 

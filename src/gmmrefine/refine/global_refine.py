@@ -233,8 +233,8 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     from gmmrefine.io.particles import read_images
     from gmmrefine.reconstruct.insert import FourierAccumulator
     from gmmrefine.fourier.fft import crop_projection_spectra, rfft2_centered
-    from gmmrefine.reconstruct.invert import (_ctf_of, accumulate_images, reconstruct_map, release_free_memory,
-                                              symmetry_matrices)
+    from gmmrefine.reconstruct.invert import (_ctf_of, accumulate_images, grid_device, reconstruct_map,
+                                              release_free_memory, symmetry_matrices)
 
     ctx = distributed.current()
     if ctx.active and ctx.is_main:
@@ -277,15 +277,19 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     lo, hi = distributed.shard(n, block)
     my_blocks = [(s, min(s + block, hi)) for s in range(lo, hi, block)]
     n_steps = distributed.max_blocks(n, block)
-    accs = {q: FourierAccumulator(fsc_box, device=device) for q in (1, 2)}
+    # Grids alive at once: two quarter grids at fsc_box and, when it is smaller, one at map_box; each
+    # is inverted alone (:func:`gmmrefine.reconstruct.invert.map_bytes`). Several processes sum them
+    # by all-reduce on the device (NCCL takes GPU tensors only), so they stay there.
+    grids = device if ctx.active else grid_device(device, [fsc_box, fsc_box] + ([map_box] if fsc_box < map_box else []))
+    accs = {q: FourierAccumulator(fsc_box, device=grids) for q in (1, 2)}
     if fsc_box < map_box:
-        accs[0] = FourierAccumulator(map_box, device=device)
+        accs[0] = FourierAccumulator(map_box, device=grids)
     arrays = (new_angles, new_shift, frc_start, frc_end, precision_deg, precision_A)
     ckpt = None
     if settings.checkpoint_dir is not None:
         key = pass_key(ps, half, angles_deg, shift_A, gmm, maxres_A, settings, pose, (work_box, map_box, fsc_box))
         ckpt = Path(settings.checkpoint_dir) / f"{key}.rank{ctx.rank}of{ctx.world_size}.pt"
-    first = _resume(ckpt, accs, arrays, lo, hi, device)
+    first = _resume(ckpt, accs, arrays, lo, hi, grids)
     shards = [distributed.shard(n, block, r, ctx.world_size) for r in range(ctx.world_size)]
     resumed = sum(min(a + first * block, b) - a for a, b in shards)
 
@@ -347,7 +351,7 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
         finally:
             bar.close()
 
-    accs = accumulate_images(blocks(), map_box, map_apix, ctf_mode=settings.reconstruct_ctf, device=device,
+    accs = accumulate_images(blocks(), map_box, map_apix, ctf_mode=settings.reconstruct_ctf, device=grids,
                              accs=accs)
     if ctx.active:
         distributed.sum_accumulators_(accs)
