@@ -34,7 +34,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -125,13 +124,10 @@ def print_row(r: dict, flush: bool = False) -> None:
 
 def relion_comparison(out: Path, n: int) -> dict:
     """Box 256, an O assembly of adk (per-copy hinges), gmmrefine against relion_refine_mpi, to convergence."""
-    import torch
-
-    from gmmrefine.fourier.filters import low_pass
-    from gmmrefine.io.mrc import read_map, write_map
+    from gmmrefine.io.mrc import read_map
     from gmmrefine.io.particles import read_particles
     from gmmrefine.pipeline.evaluate import masked_fsc_to_truth, pose_errors
-    from refine import RELION_OPTIONS, relion_poses, truth_mask
+    from refine import run_relion, truth_mask
 
     sim = simulate(out, 256, n, "--sym", "O", "--hinge-residues", "122-159", "--hinge-deg", "8", name=f"sim_O256_{n}")
     truth = read_particles(sim / "particles.star")
@@ -148,27 +144,7 @@ def relion_comparison(out: Path, n: int) -> dict:
     result["gmmrefine"].update(steps, iterations=len(steps["iterations_s"]),
                                seconds_per_iteration=float(np.mean(steps["iterations_s"])), angular_error_deg=ang,
                                shift_error_A=sh, masked_fsc=masked_fsc_to_truth(h1, h2, truth_map, mask))
-    rdir = out / "relion_cmp_relion"
-    shutil.rmtree(rdir, ignore_errors=True)
-    rdir.mkdir(parents=True)
-    s1, s2 = (torch.as_tensor(read_map(job / "it000" / f"half{h}.mrc")[0]) for h in (1, 2))
-    write_map(rdir / "ref.mrc", low_pass(0.5 * (s1 + s2), 8.0, apix).numpy(), apix)
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi",
-           "--i", "particles_perturbed.star", "--o", str(rdir / "run"), "--ref", str(rdir / "ref.mrc"),
-           "--particle_diameter", "140", *RELION_OPTIONS]
-    t0 = time.time()
-    result["relion"] = measured(cmd, cwd=sim)
-    its = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
-    stamps = [t0] + [p.stat().st_mtime for p in its]
-    per_it = [b - a for a, b in zip(stamps[1:-1], stamps[2:])]
-    angles, shifts = relion_poses(rdir / "run_data.star", truth)
-    ang, sh = pose_errors(angles, shifts, truth.angles_deg, truth.shift_A)
-    r1 = read_map(rdir / "run_half1_class001_unfil.mrc")[0]
-    r2 = read_map(rdir / "run_half2_class001_unfil.mrc")[0]
-    result["relion"].update(command=" ".join(cmd), iterations=len(its) - 1, seconds_per_iteration_each=per_it,
-                            seconds_per_iteration=float(np.mean(per_it)) if per_it else None,
-                            angular_error_deg=ang, shift_error_A=sh,
-                            masked_fsc=masked_fsc_to_truth(r1, r2, truth_map, mask))
+    result["relion"] = run_relion(sim, job, out, truth, truth_map, mask, apix, 140.0)
     start = read_particles(sim / "particles_perturbed.star")
     result["start"] = dict(zip(("angular_error_deg", "shift_error_A"),
                                pose_errors(start.angles_deg, start.shift_A, truth.angles_deg, truth.shift_A)))

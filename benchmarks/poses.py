@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from refine import RELION_OPTIONS, relion_poses, truth_mask  # noqa: E402  (the same peer settings)
+from refine import run_relion, truth_mask  # noqa: E402  (the same peer and its settings)
 
 MODEL = Path(__file__).resolve().parents[1] / "src" / "gmmrefine" / "data" / "adk_open.pdb"
 GM = [sys.executable, "-m", "gmmrefine"]
@@ -295,38 +295,6 @@ def run_refine(sim: Path, job: Path, options: list[str], code: Path | None = Non
     return time.perf_counter() - t0
 
 
-def run_relion(sim: Path, out: Path, start_job: Path, truth_fsc: float, mask: np.ndarray, diameter_A: float) -> dict:
-    """``relion_refine_mpi`` local auto-refine from the perturbed poses (3 ranks on the 2 cores), reference:
-    our iteration-0 half maps' average low-passed to 8 A."""
-    from gmmrefine.fourier.filters import low_pass
-    from gmmrefine.io.mrc import read_map, write_map
-    from gmmrefine.io.particles import read_particles
-    from gmmrefine.pipeline.evaluate import masked_fsc_to_truth, pose_errors
-
-    rdir = out / "relion"
-    shutil.rmtree(rdir, ignore_errors=True)
-    rdir.mkdir(parents=True)
-    h1, h2 = (torch.as_tensor(read_map(start_job / "it000" / f"half{h}.mrc")[0]) for h in (1, 2))
-    apix = read_map(start_job / "it000" / "half1.mrc")[1]
-    write_map(rdir / "ref.mrc", low_pass(0.5 * (h1 + h2), 8.0, apix).numpy(), apix)
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi",
-           "--i", "particles_perturbed.star", "--o", str(rdir / "run"), "--ref", str(rdir / "ref.mrc"),
-           "--particle_diameter", str(diameter_A), *RELION_OPTIONS]
-    t0 = time.time()
-    with open(rdir / "log.txt", "w") as log:
-        subprocess.run(cmd, cwd=sim, stdout=log, stderr=subprocess.STDOUT, check=True)
-    wall = time.time() - t0
-    truth = read_particles(sim / "particles.star")
-    angles, shifts = relion_poses(rdir / "run_data.star", truth)
-    ang, sh = pose_errors(angles, shifts, truth.angles_deg, truth.shift_A)
-    r1 = read_map(rdir / "run_half1_class001_unfil.mrc")[0]
-    r2 = read_map(rdir / "run_half2_class001_unfil.mrc")[0]
-    masked = masked_fsc_to_truth(r1, r2, read_map(sim / "truth_map.mrc")[0], mask)
-    its = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
-    return {"command": " ".join(cmd), "wall_s": wall, "iterations": len(its) - 1, "angular_error_deg": ang,
-            "shift_error_A": sh, "masked_fsc": masked, "masked_fsc_over_true_poses": masked / truth_fsc}
-
-
 def true_pose_fsc(sim: Path, out: Path, mask: np.ndarray) -> float:
     """Masked FSC to the truth of a reconstruction at the true poses (``gmmrefine reconstruct --ctf wiener``,
     as the refinement's maps are made)."""
@@ -407,7 +375,11 @@ def main() -> int:
             "newton": (PoseSettings(optimiser="newton", objective="snr"), args.ctf),
             "paper": (PoseSettings(optimiser="paper", objective="frc"), "flip")})
         if snr == low and args.relion:
-            entry["relion"] = run_relion(sim, out, jobs["newton"], entry["true_pose_masked_fsc"], mask, args.diameter)
+            from gmmrefine.io.particles import read_particles
+
+            r = run_relion(sim, jobs["newton"], out, read_particles(sim / "particles.star"), truth_map, mask, apix,
+                           args.diameter)
+            entry["relion"] = r | {"masked_fsc_over_true_poses": r["masked_fsc"] / entry["true_pose_masked_fsc"]}
         results["snr"][str(snr)] = entry
         (out / "results.json").write_text(json.dumps(results, indent=2))
         report(snr, entry)

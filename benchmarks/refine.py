@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,22 +123,31 @@ def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, ma
                diameter_A: float) -> dict:
     """``relion_refine_mpi`` local refinement (3 MPI ranks: a leader and one worker per half, one thread
     each, i.e. the 2 cores) from the perturbed poses, with the start map of our job low-passed to 8 A as
-    reference. Returns its wall time (total and per iteration), pose error and FSC to the truth."""
+    reference. Returns its wall time (total and per iteration), peak RSS of its ranks together, pose error
+    and FSC to the truth (resolutions at 0.5, and the masked FSC's mean over shells,
+    :func:`gmmrefine.pipeline.evaluate.masked_fsc_to_truth`)."""
     from gmmrefine.fourier.filters import low_pass
     from gmmrefine.io.mrc import read_map, write_map
+    from gmmrefine.pipeline.evaluate import masked_fsc_to_truth
 
     rdir = out / "relion"
     shutil.rmtree(rdir, ignore_errors=True)
     rdir.mkdir(parents=True)
     h1, h2 = (torch.as_tensor(read_map(job / "it000" / f"half{h}.mrc")[0]) for h in (1, 2))
+    if h1.shape != truth_map.shape:
+        raise ValueError(f"{job}/it000: the start maps are {h1.shape[-1]} px, the particles {truth_map.shape[-1]} px")
     write_map(rdir / "ref.mrc", low_pass(0.5 * (h1 + h2), 8.0, apix).numpy(), apix)
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi",
            "--i", "particles_perturbed.star", "--o", str(rdir / "run"), "--ref", str(rdir / "ref.mrc"),
            "--particle_diameter", str(diameter_A), *RELION_OPTIONS]
     t0 = time.time()
     with open(rdir / "log.txt", "w") as log:
-        subprocess.run(cmd, cwd=sim, stdout=log, stderr=subprocess.STDOUT, check=True)
+        # /usr/bin/time -v under mpirun would time mpirun itself; RSS is summed over the ranks' reports
+        ranks = ["bash", "-c", '/usr/bin/time -v -o "$0.$OMPI_COMM_WORLD_RANK" "$@"', str(rdir / "rss")]
+        subprocess.run(cmd[:5] + ranks + cmd[5:], cwd=sim, stdout=log, stderr=subprocess.STDOUT, check=True)
     wall = time.time() - t0
+    rss_mb = sum(int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", f.read_text()).group(1))
+                 for f in rdir.glob("rss.*")) / 1024
     # Iteration k ends when run_itNNN_data.star is written; iteration 0 is RELION's start-up pass.
     its = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
     stamps = [t0] + [p.stat().st_mtime for p in its]
@@ -146,7 +156,8 @@ def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, ma
     ang, sh = pose_errors(angles, shifts, truth)
     r1 = read_map(rdir / "run_half1_class001_unfil.mrc")[0]
     r2 = read_map(rdir / "run_half2_class001_unfil.mrc")[0]
-    return {"command": " ".join(cmd), "wall_s": wall, "iterations": len(its) - 1,
+    return {"command": " ".join(cmd), "wall_s": wall, "iterations": len(its) - 1, "peak_rss_MB": rss_mb,
+            "masked_fsc": masked_fsc_to_truth(r1, r2, truth_map, mask),
             "startup_s": stamps[1] - stamps[0] if len(stamps) > 1 else None,
             "seconds_per_iteration": float(np.mean(per_it)) if per_it else wall,
             "seconds_per_iteration_each": per_it, "angular_error_deg": ang, "shift_error_A": sh,

@@ -26,8 +26,10 @@ def test_demo_simulates_refines_and_reports(tmp_path, capsys, monkeypatch):
     before, after = summary["before"], summary["after"]
     assert before["angular_error_deg"] == pytest.approx(4.0, abs=1e-6)
     assert before["shift_error_A"] == pytest.approx(1.0, abs=1e-6)
-    # One iteration moves rotations by at most ~2 degrees (refine/poses.py); with 200 particles per half
-    # the references are poor, but the error must still fall by more than half a degree.
+    assert "gmmrefine demo" in (out / "job" / "final" / "report.html").read_text()
+    assert f"writing into {out.resolve()}" in text
+    # With 200 particles per half the references are poor, but one iteration must still bring the error
+    # down by more than half a degree.
     assert after["angular_error_deg"] < before["angular_error_deg"] - 0.5
     assert after["shift_error_A"] < 0.6 * before["shift_error_A"]
     assert after["resolution_gold_standard_A"] < before["resolution_gold_standard_A"]

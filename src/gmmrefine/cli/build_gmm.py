@@ -19,7 +19,9 @@ from gmmrefine.errors import InputError
 
 COMMAND = "build-gmm"
 HELP = "fit a Gaussian mixture model (GMM) to a map, from k-means seeds or an atomic model"
-DESCRIPTION = __doc__.split("\n\n", 1)[1].replace("\n", " ").strip()
+DESCRIPTION = ("Fits a Gaussian mixture model (GMM) to a map, so that its projections match the map's at the "
+               "target resolution, and writes it as .npz (and pseudo-atoms with --pdb). "
+               + __doc__.split("\n\n", 1)[1].replace("\n", " ").strip())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +54,9 @@ def main(args) -> int:
     # Validate everything before anything is written.
     if args.out.suffix != ".npz":
         raise InputError(f"--out {args.out}: expected a .npz file name.", field="out")
+    from gmmrefine.pipeline.job import check_output_folder
+
+    check_output_folder(args.out.parent)
     if args.pdb is not None and args.pdb.suffix.lower() not in (".pdb", ".cif", ".mmcif"):
         raise InputError(f"--pdb {args.pdb}: expected a .pdb or .cif file name.", field="pdb")
     if not args.resolution > 0:

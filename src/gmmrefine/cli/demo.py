@@ -23,7 +23,9 @@ from gmmrefine.io.atomic import write_json_atomic
 
 COMMAND = "demo"
 HELP = "simulate a small adenylate kinase data set and refine it (no input needed)"
-DESCRIPTION = __doc__.split("\n\n", 1)[1].replace("\n", " ").strip()
+DESCRIPTION = ("Simulates a small adenylate kinase data set and refines it, with no input needed: a first run "
+               "that shows what gmmrefine does and how long it takes here. "
+               + __doc__.split("\n\n", 1)[1].replace("\n", " ").replace("``", "").strip())
 
 DEMO_MODEL = Path(__file__).parents[1] / "data" / "adk_open.pdb"
 DEMO_SETTINGS = dict(n=1000, box=64, apix=1.8, snr=0.2, perturb_deg=4.0, perturb_A=1.0, seed=0)
@@ -95,8 +97,13 @@ def main(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: the demo folder already exists and is not empty; choose another --out.",
                          path=str(out), field="--out")
+    from gmmrefine.pipeline.job import check_output_folder
+
+    # the simulated stack (1,000 images of 64^2 floats), maps and job files: ~60 MB
+    check_output_folder(out, 60 * 2**20)
     device = resolve_device(args.device)
     start = time.perf_counter()
+    print(f"gmmrefine demo: writing into {out.resolve()}", flush=True)
     s = DEMO_SETTINGS
     print(f"Simulating {s['n']} adenylate kinase particles (box {s['box']}, {s['apix']} A/px, SNR {s['snr']}), "
           f"poses perturbed by {s['perturb_deg']} deg and {s['perturb_A']} A ...", flush=True)

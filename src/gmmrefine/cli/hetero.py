@@ -14,6 +14,8 @@ from gmmrefine.errors import InputError
 COMMAND = "hetero"
 HELP = "heterogeneity analysis: per-particle latent conformations from a GMM encoder/decoder per half set"
 DESCRIPTION = (
+    "Learns each particle's conformation (a latent vector) from a refinement's particles and GMMs, and with "
+    "--mask turns it into a pose of the masked domain. "
     "For each half set independently, train an encoder (dense network, input: the gradient of each "
     "particle's FRC with respect to the neutral GMM) and a decoder (latent vector -> displacement and "
     "amplitude change of every Gaussian; a 32-Gaussian coarse GMM moves first, then every Gaussian) so that "
@@ -91,6 +93,9 @@ def _validate(args):
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise InputError(f"{args.out}: --out exists and is not an empty folder; choose another.",
                          path=str(args.out), field="--out")
+    from gmmrefine.pipeline.job import check_output_folder
+
+    check_output_folder(args.out)  # before reading any particle
     inputs = _inputs(args)
     ps = read_particles(inputs.particles)
     for h in (1, 2):

@@ -18,7 +18,19 @@ import gmmrefine
 from gmmrefine.errors import EXIT_INPUT_ERROR, InputError
 
 # Order in --help: the data flow a user follows.
-ORDER = ["simulate", "import", "reconstruct", "postprocess", "build-gmm", "refine", "hetero", "export", "demo"]
+ORDER = ["simulate", "reconstruct", "postprocess", "build-gmm", "refine", "hetero", "demo"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default once: appended as ``(default: X)`` unless the help already says it, and
+    left out where there is nothing to show (no default, a flag that is off)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or action.required):
+            return text
+        return super()._get_help_string(action)
 
 
 def _command_modules():
@@ -46,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _command_modules():
         p = sub.add_parser(mod.COMMAND, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_main=mod.main)
     return parser

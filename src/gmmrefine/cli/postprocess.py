@@ -47,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse an existing non-empty output folder unless ``force``; refuse a file in its place."""
+    """Refuse an existing non-empty output folder unless ``force``, a file in its place, and a place that
+    cannot be written (:func:`gmmrefine.pipeline.job.check_output_folder`)."""
+    from gmmrefine.pipeline.job import check_output_folder
+
+    check_output_folder(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder.", path=str(out), field="--out")
     if out.is_dir() and any(out.iterdir()) and not force:

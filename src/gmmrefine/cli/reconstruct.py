@@ -13,10 +13,11 @@ from gmmrefine.errors import InputError
 COMMAND = "reconstruct"
 HELP = "half maps of a particle set at its poses (direct Fourier inversion) and their FSC"
 DESCRIPTION = (
-    "Reconstruct the two half sets (rlnRandomSubset) of a particle set at the poses in its file by "
-    "direct Fourier inversion (2x padded trilinear insertion, symmetry summed over the Fourier grid, "
-    "Pipe-Menon gridding weights, gridding correction; equivalent to relion_reconstruct) in one streamed pass. Images are phase-flipped "
-    "(--ctf flip, default) or CTF-weighted (--ctf wiener, as relion_reconstruct --ctf). Writes half1.mrc, "
+    "Reconstructs the two half sets (rlnRandomSubset) of a particle set at the poses in its file and "
+    "measures their FSC. Direct Fourier inversion (2x padded trilinear insertion, symmetry summed over the "
+    "Fourier grid, Pipe-Menon gridding weights, gridding correction; equivalent to relion_reconstruct) in "
+    "one streamed pass. Images are CTF-weighted (--ctf wiener, default, as relion_reconstruct --ctf), "
+    "phase-flipped (--ctf flip) or taken as they are (--ctf none, for data without a CTF). Writes half1.mrc, "
     "half2.mrc, full.mrc, fsc.json and fsc.png into --out (only halfN.mrc with --half N). Runs unchanged under "
     "torchrun / srun: each process inserts its share of the particles and rank 0 writes."
 )
@@ -26,11 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--particles", type=Path, required=True, help="RELION STAR or cryoSPARC .cs file")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--sym", default="C1", help="point group symmetry (C<n>, D<n>, T, O, I)")
-    parser.add_argument("--ctf", choices=("flip", "wiener"), default="flip",
-                        help="CTF correction: phase flip, or CTF-weighted (Wiener-like) as relion_reconstruct --ctf")
+    parser.add_argument("--ctf", choices=("wiener", "flip", "none"), default="wiener",
+                        help="CTF correction: CTF-weighted (Wiener-like, as relion_reconstruct --ctf; measured closer "
+                             "to the true map than phase flipping), phase flip, or none (data without a CTF)")
     parser.add_argument("--half", choices=("1", "2", "both"), default="both", help="which half sets to reconstruct")
-    parser.add_argument("--pad", type=int, default=2, help="Fourier oversampling factor")
-    parser.add_argument("--chunk", type=int, default=128, help="particles read from disk at a time")
+    parser.add_argument("--pad", type=int, default=2, help="Fourier oversampling factor (1 to 4)")
+    parser.add_argument("--chunk", type=int, default=128, help="particles read from disk at a time (memory only)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
 
@@ -49,7 +51,7 @@ def _validate(args):
         torch.empty(0, device=args.device)
     except (RuntimeError, ValueError) as err:
         raise InputError(f"--device {args.device}: not usable here ({err}).", field="device") from None
-    ps = read_particles(args.particles)
+    ps = read_particles(args.particles, require_ctf=args.ctf != "none")
     if len(ps) == 0:
         raise InputError(f"{args.particles}: the particle set is empty; nothing to reconstruct.",
                          path=str(args.particles))
@@ -71,9 +73,13 @@ def main(args) -> int:
     from gmmrefine.io.mrc import write_map
     from gmmrefine.reconstruct.invert import accumulate_halves, reconstruct_maps_low_memory, symmetry_matrices
 
+    from gmmrefine.pipeline.job import check_output_folder
+
     ctx = distributed.init(args.device)
+    distributed.on_main(check_out_dir, args.out, args.force)  # before reading any particle
     ps, halves = _validate(args)
-    distributed.on_main(check_out_dir, args.out, args.force)
+    # the maps written: one per half, the full map (float32)
+    distributed.on_main(check_output_folder, args.out, 4 * ps.box**3 * (len(halves) + 1))
     t0 = time.time()
     symmetry = symmetry_matrices(args.sym, device=ctx.device)
     # Several processes: each inserts a contiguous shard of the particles, the accumulators are summed

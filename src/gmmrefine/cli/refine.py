@@ -17,12 +17,15 @@ from gmmrefine.refine.poses import DEFAULT_PRIOR_A, DEFAULT_PRIOR_DEG, OBJECTIVE
 COMMAND = "refine"
 HELP = "refine every particle's pose against GMMs of its own half set (gold standard, resumable)"
 DESCRIPTION = (
-    "Global GMM pose refinement (Chen, Schmid & Chiu 2024). Per iteration and for each half set on its own: "
-    "reconstruct the half map at the current poses, low-pass it to the half's resolution, build (first "
-    "iteration) or warm-start its GMM, refine every particle's rotation and shift by Adam on the band-limited "
-    "FRC against that GMM, reconstruct at the new poses; then the gold-standard FSC between the halves. "
-    "Writes a job folder (job.json, log.txt, itNNN/, final/ with particles.star, half maps, the filtered "
-    "map, plots and report.html). A killed job resumes with --continue. "
+    "Refines every particle's pose against GMMs of its own half set, from a RELION or cryoSPARC consensus "
+    "refinement, and writes better poses and maps. Per iteration and for each half set on its own: build "
+    "(first iteration) or warm-start the half's GMM from its map low-passed to the half's own resolution; "
+    "refine each particle's rotation and shift (Newton steps on its SNR-weighted ring correlations with the "
+    "CTF-modulated GMM projection, which also give each pose's precision); reconstruct at the new poses; then "
+    "the gold-standard FSC between the halves. Iterations work on Fourier grids cropped to their band and "
+    "stop by themselves (--iterations auto) when the poses move less than their precision and the "
+    "resolution stops improving. Writes a job folder (job.json, log.txt, itNNN/, final/ with particles.star, "
+    "full-size half maps, the filtered map, plots and report.html). A killed job resumes with --continue. "
     "--focus-mask M.mrc aligns to GMMs whose Gaussians outside the mask are widened (focused refinement); "
     "--patches K adds patch-by-patch refinement after the global one (k-means patches of each half's GMM, "
     "--patch-iterations focused iterations per patch, a composite map per half in final/, per-patch poses in "
@@ -226,10 +229,23 @@ def finish(job, ps, histories: list[dict]) -> dict:
                                                                 "median_precision_deg", "median_precision_A",
                                                                 "convergence")}
                                  for h in histories]}
+    summary["warnings"] = job_warnings(histories, ps.box, ps.apix)
+    for warning in summary["warnings"][sum(len(h.get("warnings", [])) for h in histories):]:
+        job.log(f"WARNING: {warning}")  # the iterations' own were logged as they came
     write_json_atomic(final / "summary.json", summary)
     report = write_report(job.path, extra_rows=_extra_rows(job, ps, histories))
     summary["report"] = str(report)
     return summary
+
+
+def job_warnings(histories: list[dict], box: int, apix: float) -> list[str]:
+    """Every iteration's health warnings, and one more when the refinement ends at a worse resolution
+    than it started (by more than one Fourier shell)."""
+    out = [w for h in histories for w in h.get("warnings", [])]
+    start, end = histories[0]["resolution_A"], histories[-1]["resolution_A"]
+    if end - start > start**2 / (box * apix):
+        out.append(f"the refinement made the resolution worse: {start:.2f} A at the start, {end:.2f} A at the end")
+    return out
 
 
 def params_for(particles, out, *options: str) -> dict:
@@ -328,14 +344,24 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
     each on its own shard. SIGTERM stops the job at the next safe point with a checkpoint
     (:class:`gmmrefine.distributed.Interrupted`); ``--continue`` resumes it.
     """
-    import dataclasses
-
     from gmmrefine import distributed
     from gmmrefine.geometry.symmetry import symmetry_operators
     from gmmrefine.io.particles import read_particles
 
+    from gmmrefine.pipeline.job import check_output_folder, finished
+
     ctx = distributed.init(params["device"])
     _check_device(ctx.device)
+    out = Path(params["out"])
+    done = finished(out) if resume else None
+    if done is not None:
+        # a finished job: say so and change nothing (not even its log)
+        if ctx.is_main:
+            print(f"{out}: this job finished on {done.get('at', '?')} (resolution {done.get('resolution_A', 0):.2f} A); "
+                  f"nothing to do. Results: {out / 'final'}", flush=True)
+        return json.loads((out / "final" / "summary.json").read_text()) | {"report": str(out / "final" / "report.html")}
+    if ctx.is_main:
+        check_output_folder(out)  # before reading any particle
     from_job = None if params.get("from_job") is None else Path(params["from_job"])
     gmm_dir = None
     if from_job is not None:
@@ -344,6 +370,8 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
 
         gmm_dir = Path(job_inputs(from_job).gmms[1]).parent
     ps = read_particles(params["particles"], project_dir=params["project_dir"])
+    if ctx.is_main:
+        check_output_folder(out, output_bytes(ps.box, len(ps)))
     for h in (1, 2):
         if not (np.asarray(ps.subset) == h).any():
             raise InputError(f"{ps.path}: half set {h} has no particles; gold-standard refinement needs both "
@@ -388,27 +416,49 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
                      command_line=command_line, progress=progress)
 
 
+def output_bytes(box: int, n_particles: int, iterations: int = 10) -> int:
+    """What a job writes, about: full-size half maps and the filtered map (final/ and the last iteration),
+    the start's and the working grids' maps, and a particles.star per iteration (~1 kB a particle)."""
+    return 4 * box**3 * 8 + 1000 * n_particles * (iterations + 1)
+
+
 def _lead(params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, added: tuple[Path, Path] | None,
           resume: bool,
           command_line: list[str] | None, progress: bool) -> dict:
     """The job itself, on rank 0 (or the only process). ``stage_ps``: the particles refined (``ps``, or
-    its symmetry expansion for focused work on symmetric data)."""
+    its symmetry expansion for focused work on symmetric data). An error after the folder exists is
+    written to its log as well; a job that failed before completing any step starts again from scratch
+    with the same command (:class:`gmmrefine.pipeline.job.Job`), one that got further with ``--continue``."""
+    from gmmrefine import distributed
+    from gmmrefine.pipeline.job import Job
+
+    job_params = {k: v for k, v in params.items() if k != "out"}
+    job = Job(Path(params["out"]), job_params, resume=resume, command_line=command_line,
+              resume_may_change=("device", "jobs"))
+    try:
+        return _job(job, params, ps, stage_ps, ctx, mask=mask, gmm_dir=gmm_dir, added=added, progress=progress)
+    except distributed.Interrupted:
+        raise
+    except Exception as err:
+        # the error goes to the job's log too, so that the folder tells what stopped it
+        job.log(f"error: {err}" if isinstance(err, InputError) else f"error: {type(err).__name__}: {err}",
+                echo=False)
+        raise
+
+
+def _job(job, params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, added: tuple[Path, Path] | None,
+         progress: bool) -> dict:
+    """The steps of a job (:func:`_lead`), in its folder."""
     import dataclasses
 
     from gmmrefine import distributed
     from gmmrefine.geometry.symmetry import symmetry_operators
-    from gmmrefine.pipeline.job import Job
     from gmmrefine.refine.global_refine import it_dir, run_global_refinement, settings_from_params
 
     symmetry = str(params.get("sym", "C1"))
     expanded = symmetry_operators(symmetry).shape[0] > 1
     patches = params.get("patches")
-    out = Path(params["out"])
-    if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out}: the job folder already exists; use --continue to resume it or choose another --out.",
-                         path=str(out), field="--out")
     job_params = {k: v for k, v in params.items() if k != "out"}
-    job = Job(out, job_params, resume=resume, command_line=command_line, resume_may_change=("device", "jobs"))
     if ctx.active:
         job.log(f"{ctx.world_size} processes ({ctx.backend}); rank 0 on {ctx.device}")
     settings = dataclasses.replace(settings_from_params(job_params), progress=progress, device=ctx.device,
@@ -468,6 +518,8 @@ def _lead(params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, added:
     job.log(f"done in {time.perf_counter() - start:.0f} s: resolution {histories[0]['resolution_A']:.2f} -> "
             f"{histories[-1]['resolution_A']:.2f} A" + (f", composite {summary['composite']['resolution_A']:.2f} A"
                                                          if "composite" in summary else "") + f"; report {report}")
+    if not job.is_done("finished"):
+        job.mark_done("finished", at=time.strftime("%Y-%m-%d %H:%M:%S"), resolution_A=histories[-1]["resolution_A"])
     return summary | {"report": str(report)}
 
 

@@ -217,6 +217,11 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def main(args) -> int:
+    from gmmrefine.pipeline.job import check_output_folder
+
+    box_hint = args.box or 0
+    # the stack (n box^2 floats) and the truth map (box^3), checked before anything is simulated
+    check_output_folder(args.out, 4 * args.n * box_hint**2 + 4 * box_hint**3)
     device = resolve_device(args.device)
     source, box, apix = build_source(args)
     low, high = parse_range(args.defocus, "--defocus")

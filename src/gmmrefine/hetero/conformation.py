@@ -29,6 +29,7 @@ import torch
 from gmmrefine.geometry.rotations import axis_angle_to_matrix
 from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import FourierBand, project_band
+from gmmrefine.refine.poses import adam_step_
 
 #: Paper defaults for conformation to pose: Adam, 30 steps, learning rate 1e-3.
 CONF_POSE_STEPS = 30
@@ -102,7 +103,6 @@ def conformation_to_pose(neutral: GaussianMixture, conf_centers_A: torch.Tensor,
     params = torch.zeros(rot0.shape[0], 5, device=dev, dtype=torch.float32)
     m = torch.zeros_like(params)
     v = torch.zeros_like(params)
-    b1, b2 = settings.betas
 
     def pose(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return axis_angle_to_matrix(p[:, :3] * settings.rotation_unit_rad) @ rot0, t0 + p[:, 3:] * unit_px
@@ -115,12 +115,7 @@ def conformation_to_pose(neutral: GaussianMixture, conf_centers_A: torch.Tensor,
         (grad,) = torch.autograd.grad((rmsd * rmsd).sum(), params)
         if step == 1:
             rmsd_start = rmsd.detach()
-        with torch.no_grad():
-            params = params.detach()
-            m.mul_(b1).add_(grad, alpha=1 - b1)
-            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            denom = (v / (1 - b2**step)).sqrt_().add_(settings.eps)
-            params.addcdiv_(m, denom, value=-settings.lr / (1 - b1**step))
+        params = adam_step_(params, grad, m, v, step, settings.lr, settings.betas, settings.eps)
     with torch.no_grad():
         rot, t = pose(params)
         rmsd_end = _rmsd(project_band(neutral.centers_A, amp_neutral, neutral.widths_A, rot, t, band), target)

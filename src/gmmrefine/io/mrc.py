@@ -6,7 +6,9 @@ hundreds of thousands of particles never have to sit in memory, and written eith
 (:func:`write_stack`) or chunk by chunk (:class:`StackWriter`). Every write is atomic.
 
 A file that is not an MRC file, or whose data block is shorter than its header says (a truncated
-copy), raises :class:`gmmrefine.errors.InputError` naming the file.
+copy), raises :class:`gmmrefine.errors.InputError` naming the file. Headers without the ``MAP `` id
+string (older RELION and EMAN writers) are read as RELION reads them, with one warning per file, when
+the rest of the header describes a data block the file holds.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gmmrefine.errors import InputError
 from gmmrefine.io.atomic import atomic_path
 
 _HEADER_BYTES = 1024
+_WARNED: set[str] = set()
 
 
 def _open_header(path: str | os.PathLike):
@@ -41,7 +44,9 @@ def _open_header(path: str | os.PathLike):
             with mrcfile.open(path, mode="r", header_only=True, permissive=False) as mrc:
                 header = mrc.header.copy()
     except Exception as exc:  # mrcfile raises ValueError/OSError with its own wording
-        raise InputError(f"{path}: not a readable MRC file ({exc}).", path=str(path)) from exc
+        header = _header_without_map_id(path) if "Map ID string" in str(exc) else None
+        if header is None:
+            raise InputError(f"{path}: not a readable MRC file ({exc}).", path=str(path)) from exc
     try:
         dtype = mrcfile.utils.data_dtype_from_header(header)
     except ValueError as exc:
@@ -51,6 +56,9 @@ def _open_header(path: str | os.PathLike):
     if min(nx, ny, nz) < 1:
         raise InputError(f"{path}: MRC header gives an empty data block (nx, ny, nz = {nx}, {ny}, {nz}).",
                          path=str(path), field="nx/ny/nz")
+    if int(header.nsymbt) < 0:
+        raise InputError(f"{path}: MRC header gives a negative extended header size (nsymbt = "
+                         f"{int(header.nsymbt)}).", path=str(path), field="nsymbt")
     offset = _HEADER_BYTES + int(header.nsymbt)
     expected = offset + nx * ny * nz * dtype.itemsize
     size = path.stat().st_size
@@ -58,6 +66,23 @@ def _open_header(path: str | os.PathLike):
         raise InputError(f"{path}: truncated MRC file, the header needs {expected} bytes but the file has {size}.",
                          path=str(path), field="data")
     return header, offset, dtype, (nz, ny, nx)
+
+
+def _header_without_map_id(path: Path):
+    """The header of an MRC file that lacks the ``MAP `` id string, read as RELION 3.1 does (one warning
+    per file), or None if mrcfile cannot read it even permissively."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
+                header = None if mrc.header is None else mrc.header.copy()
+    except Exception:
+        return None
+    if header is not None and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        warnings.warn(f"{path}: the MRC header has no 'MAP ' id string (an older writer's); reading it as "
+                      "RELION does.", stacklevel=4)
+    return header
 
 
 def _voxel_size(header) -> float:

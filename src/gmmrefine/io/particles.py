@@ -112,6 +112,11 @@ class ParticleSet:
         """Indices (into this set) of the particles of half ``subset`` (1 or 2), in input order."""
         return np.flatnonzero(self.subset == subset)
 
+    @property
+    def has_ctf(self) -> bool:
+        """False for a file read with ``require_ctf=False`` that has no CTF columns."""
+        return bool(np.isfinite(np.asarray(self.ctf.defocus_u_A)).all())
+
 
 # ----------------------------------------------------------------------------------------------
 # Reading
@@ -254,6 +259,19 @@ def _single_value(values: np.ndarray, what: str, path: Path, field_name: str, re
     return float(values[0])
 
 
+#: What RELION's CTF reader takes for CTF columns a STAR file lacks (``CTF::read``): kV, mm, fraction.
+RELION_CTF_DEFAULTS = {"rlnVoltage": 200.0, "rlnSphericalAberration": 0.0, "rlnAmplitudeContrast": 0.0}
+
+
+def _defaulted(columns: list[str], path: Path) -> None:
+    """One warning per file naming the CTF columns it lacks and the RELION defaults taken for them."""
+    if columns:
+        message = (f"{path}: no {', '.join(columns)}; taking RELION's defaults ("
+                   + ", ".join(f"{c} = {RELION_CTF_DEFAULTS[c]:g}" for c in columns) + "), as RELION does.")
+        warnings.warn(message, stacklevel=4)
+        log.warning(message)
+
+
 def _assign_subset(n: int, path: Path) -> np.ndarray:
     message = (f"{path}: no half-set split (rlnRandomSubset / alignments3D/split); assigned one "
                f"deterministically by alternating rows (subset = row % 2 + 1).")
@@ -271,7 +289,7 @@ def _subset_from(values: np.ndarray, path: Path, field_name: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def _read_star_particles(path: Path, check_images: bool) -> ParticleSet:
+def _read_star_particles(path: Path, check_images: bool, require_ctf: bool = True) -> ParticleSet:
     tables = read_star(path)
     loops = [k for k, v in tables.items() if v.attrs.get("star_loop", True) is not False]
     if "optics" in tables and "particles" in tables:
@@ -290,7 +308,13 @@ def _read_star_particles(path: Path, check_images: bool) -> ParticleSet:
     n = len(df)
     _require(df, ("rlnImageName",), path, block, "image of each particle")
     _require(df, ANGLE_COLUMNS, path, block, "particle orientation")
-    _require(df, ("rlnDefocusU",), path, block, "CTF")
+    has_ctf = "rlnDefocusU" in df.columns
+    if require_ctf and not has_ctf:
+        raise InputError(f"{path}: {_block_label(block)} has no column rlnDefocusU (no CTF); for data without a CTF "
+                         "(e.g. projections made by relion_project) pass --ctf none.", path=str(path),
+                         field="rlnDefocusU")
+    no_ctf = np.full(n, np.nan)
+    defaulted: list[str] = []  # CTF columns missing, taken at RELION's defaults
 
     optics = tables.get("optics") if source_format == "relion-3.1" else None
     apix = None
@@ -320,6 +344,11 @@ def _read_star_particles(path: Path, check_images: bool) -> ParticleSet:
         def optics_value(column: str, purpose: str) -> np.ndarray:
             if column in df.columns:
                 return _numeric(df, column, path, block)
+            if column not in optics.columns and purpose == "CTF":
+                if not has_ctf:
+                    return no_ctf
+                defaulted.append(column)
+                return np.full(n, RELION_CTF_DEFAULTS[column])
             if column not in optics.columns:
                 raise InputError(f"{path}: neither data_optics nor {_block_label(block)} has column {column}, "
                                  f"which is required ({purpose}).", path=str(path), field=column)
@@ -341,10 +370,11 @@ def _read_star_particles(path: Path, check_images: bool) -> ParticleSet:
             box = int(_single_value(_numeric(used, "rlnImageSize", path, "optics"), "box size", path, "rlnImageSize"))
     else:
         optics_group = np.ones(n, dtype=np.int64)
-        _require(df, ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"), path, block, "CTF")
-        voltage = _numeric(df, "rlnVoltage", path, block)
-        cs = _numeric(df, "rlnSphericalAberration", path, block)
-        q0 = _numeric(df, "rlnAmplitudeContrast", path, block)
+        columns = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+        if has_ctf:
+            defaulted += [c for c in columns if c not in df.columns]
+        voltage, cs, q0 = (_optional(df, c, RELION_CTF_DEFAULTS[c] if has_ctf else no_ctf, path, block)
+                           for c in columns)
         for column in ("rlnImagePixelSize", "rlnPixelSize"):
             if column in df.columns:
                 apix = _single_value(_numeric(df, column, path, block), "pixel size", path, column)
@@ -358,7 +388,8 @@ def _read_star_particles(path: Path, check_images: bool) -> ParticleSet:
             box = int(_single_value(_numeric(df, "rlnImageSize", path, block), "box size", path, "rlnImageSize"))
 
     angles = np.stack([_numeric(df, c, path, block) for c in ANGLE_COLUMNS], axis=1)
-    defocus_u = _numeric(df, "rlnDefocusU", path, block)
+    _defaulted(defaulted, path)
+    defocus_u = _numeric(df, "rlnDefocusU", path, block) if has_ctf else no_ctf
     ctf = CTFParams(
         defocus_u_A=defocus_u,
         defocus_v_A=_optional(df, "rlnDefocusV", defocus_u, path, block),
@@ -413,7 +444,7 @@ def _per_particle(stacks: np.ndarray, inverse: np.ndarray) -> np.ndarray:
 
 
 def read_particles(path: str | os.PathLike, *, check_images: bool = True,
-                   project_dir: str | os.PathLike | None = None) -> ParticleSet:
+                   project_dir: str | os.PathLike | None = None, require_ctf: bool = True) -> ParticleSet:
     """Read a particle set from a RELION STAR file (3.0, 3.1, 4, 5) or a cryoSPARC ``.cs`` file.
 
     Args:
@@ -423,16 +454,21 @@ def read_particles(path: str | os.PathLike, *, check_images: bool = True,
             referenced index. Without it only the first stack's header is read (when the box or pixel
             size is not in the metadata).
         project_dir: cryoSPARC project directory for ``blob/path`` (``.cs`` only).
+        require_ctf: refuse a STAR file without CTF columns (else its CTF parameters are NaN and
+            :attr:`ParticleSet.has_ctf` is False; only a reconstruction without CTF can use it).
 
     Raises:
         InputError: anything wrong with the file, naming the file, the column and the row.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; --particles expects a RELION .star or cryoSPARC .cs file "
+                         "(e.g. Refine3D/job012/run_data.star).", path=str(path))
     if not path.is_file():
         raise InputError(f"{path}: particle file not found.", path=str(path))
     suffix = path.suffix.lower()
     if suffix == ".star":
-        return _read_star_particles(path, check_images)
+        return _read_star_particles(path, check_images, require_ctf)
     if suffix == ".cs":
         from gmmrefine.io.cryosparc import read_cs
 

@@ -89,7 +89,7 @@ class Job(_Steps):
                                  f"these differ: {', '.join(changed)}", path=str(job_json), field=changed[0])
             self.state = json.loads(self._state_path.read_text()) if self._state_path.is_file() else {"done": {}}
         else:
-            if self.path.exists() and any(self.path.iterdir()):
+            if self.path.exists() and any(self.path.iterdir()) and not _nothing_computed(self.path):
                 raise InputError(f"{self.path}: the job folder already exists; use --continue to resume it "
                                  "or choose another --out", path=str(self.path), field="--out")
             self.path.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,9 @@ class Job(_Steps):
             })
             self.state = {"done": {}}
             write_json_atomic(self._state_path, self.state)
-        self.log(("continuing" if resume else "starting") + f" job {self.path}")
+        restarted = not resume and (self.path / "log.txt").is_file()
+        self.log(("continuing" if resume else "starting again (nothing was computed before)" if restarted else
+                  "starting") + f" job {self.path}")
 
     def log(self, message: str, *, echo: bool = True) -> None:
         """Append a timestamped line to ``log.txt`` (and print it)."""
@@ -114,6 +116,57 @@ class Job(_Steps):
     def seed_for(self, step: str) -> int:
         """A seed for ``step`` derived from the job seed, so a resumed step draws the same numbers."""
         return step_seed(self.params.get("seed", 0), step)
+
+
+def _nothing_computed(path: Path) -> bool:
+    """Whether a job folder holds a job that stopped (an error, a kill) before completing any step: the
+    same command may then start it again from scratch."""
+    try:
+        return not json.loads((path / "state.json").read_text())["done"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def finished(path: str | os.PathLike) -> dict | None:
+    """The ``finished`` summary of a completed job folder, or None (not a job, or not completed)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text())["done"].get("finished")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def check_output_folder(out: str | os.PathLike, need_bytes: int = 0, *, option: str = "--out") -> None:
+    """Fail before any work when the outputs cannot be written: ``out`` (or the nearest folder above it that
+    exists) must be a writable folder on a file system with ``need_bytes`` free.
+
+    Raises:
+        InputError: naming the folder and what is wrong.
+    """
+    import shutil
+
+    out = Path(out)
+    existing = out.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{out}: {option} must be a folder; {existing} is a file.", path=str(out), field=option)
+    writable = os.access(existing, os.W_OK | os.X_OK)
+    if writable:
+        import tempfile
+
+        try:  # what the file system says, not only the permission bits (a read-only mount, a full quota)
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError:
+            writable = False
+    if not writable:
+        raise InputError(f"{out}: cannot write there ({existing} is read-only or not writable by this user); "
+                         f"choose another {option}.", path=str(out), field=option)
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise InputError(f"{out}: its file system has {free / 1e9:.1f} GB free and the outputs need about "
+                         f"{need_bytes / 1e9:.1f} GB; free some space or choose another {option}.",
+                         path=str(out), field=option)
 
 
 def step_seed(job_seed: int, step: str) -> int:

@@ -57,13 +57,8 @@ def plot_pose_changes(changes: list[tuple[int, np.ndarray, np.ndarray]], path: P
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    max_deg = max([float(np.percentile(d, 99.5)) for _, d, _ in changes] + [1e-3])
-    max_px = max([float(np.percentile(p, 99.5)) for _, _, p in changes] + [1e-3])
-    for k, deg, px in changes:
-        axes[0].hist(deg, bins=np.linspace(0, max_deg, 41), histtype="step",
-                     label=f"it {k}: {deg.mean():.2f} +/- {deg.std():.2f} deg")
-        axes[1].hist(px, bins=np.linspace(0, max_px, 41), histtype="step",
-                     label=f"it {k}: {px.mean():.2f} +/- {px.std():.2f} px")
+    _histograms(axes[0], [(k, deg) for k, deg, _ in changes], lambda x: f"{x.mean():.2f} +/- {x.std():.2f} deg")
+    _histograms(axes[1], [(k, px) for k, _, px in changes], lambda x: f"{x.mean():.2f} +/- {x.std():.2f} px")
     axes[0].set_xlabel("rotation change (degrees)")
     axes[1].set_xlabel("shift change (pixels)")
     for ax in axes:
@@ -74,6 +69,15 @@ def plot_pose_changes(changes: list[tuple[int, np.ndarray, np.ndarray]], path: P
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+def _histograms(ax, series: list[tuple[int, np.ndarray]], describe) -> None:
+    """One step histogram per iteration ``(k, values)`` on shared bins up to the 99.5th percentile,
+    each labelled ``it k: describe(values)``."""
+    top = max([float(np.nanpercentile(v, 99.5)) for _, v in series] + [1e-3])
+    for k, values in series:
+        ax.hist(values[np.isfinite(values)], bins=np.linspace(0, top, 41), histtype="step",
+                label=f"it {k}: {describe(values)}")
 
 
 def load_changes(job_path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -128,13 +132,8 @@ def plot_precision(precision: list[tuple[int, np.ndarray, np.ndarray]],
     objective was weighted by."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
-    max_deg = max([float(np.nanpercentile(d, 99)) for _, d, _ in precision] + [1e-3])
-    max_A = max([float(np.nanpercentile(a, 99)) for _, _, a in precision] + [1e-3])
-    for k, deg, ang in precision:
-        axes[0].hist(deg, bins=np.linspace(0, max_deg, 41), histtype="step",
-                     label=f"it {k}: median {np.nanmedian(deg):.2f} deg")
-        axes[1].hist(ang, bins=np.linspace(0, max_A, 41), histtype="step",
-                     label=f"it {k}: median {np.nanmedian(ang):.2f} A")
+    _histograms(axes[0], [(k, deg) for k, deg, _ in precision], lambda x: f"median {np.nanmedian(x):.2f} deg")
+    _histograms(axes[1], [(k, ang) for k, _, ang in precision], lambda x: f"median {np.nanmedian(x):.2f} A")
     axes[0].set_xlabel("angular precision (expected error, degrees)")
     axes[1].set_xlabel("shift precision (expected error, A)")
     for ax in axes[:2]:
@@ -284,14 +283,21 @@ def write_report(job_path: Path, *, extra_rows: dict[str, str] | None = None) ->
                          "<code>final/particles.star</code> as <code>gmmAngularPrecisionDeg</code> and "
                          "<code>gmmShiftPrecisionAngst</code>.</p>"
                          '<img src="pose_precision.png" alt="pose precision">') if precision else ""
+    summary_path = final / "summary.json"
+    warnings = json.loads(summary_path.read_text()).get("warnings", []) if summary_path.is_file() else []
+    warnings_html = ("<div style=\"background:#fdd;border:2px solid #c00;padding:6px 12px\"><b>Warnings</b><ul>"
+                     + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>") if warnings else ""
+    # the command that made the job (``gmmrefine demo`` runs a refinement job of its own)
+    words = str(job.get("command_line", "")).split()
+    command = f"gmmrefine {words[1]}" if len(words) > 1 and words[0].endswith("gmmrefine") else "gmmrefine refine"
     page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>gmmrefine refine: {html.escape(job_path.name)}</title>
+<html><head><meta charset="utf-8"><title>{html.escape(command)}: {html.escape(job_path.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
-<h1>gmmrefine refine &mdash; {html.escape(job_path.name)}</h1>
+<h1>{html.escape(command)} &mdash; {html.escape(job_path.name)}</h1>
 <p>Command: <code>{html.escape(job.get('command_line', ''))}</code><br>Started {html.escape(job.get('started', ''))};
 versions: {html.escape(', '.join(f'{k} {v}' for k, v in job.get('versions', {}).items()))}</p>
-<h2>Iterations</h2>
+{warnings_html}<h2>Iterations</h2>
 <table><tr><th>iteration</th><th>gold-standard resolution (A, FSC 0.143)</th><th>half 1 / half 2 own estimate (A)</th>
 <th>rotation change (deg)</th><th>shift change (px)</th><th>Gaussians half 1 / 2</th>
 <th>precision, median (deg / A)</th><th>time (s)</th><th>convergence</th></tr>

@@ -31,7 +31,7 @@ from gmmrefine.geometry.rotations import euler_to_matrix
 from gmmrefine.geometry.shifts import image_translation_px
 from gmmrefine.reconstruct.insert import FourierAccumulator, hermitian_symmetrised, symmetrised_grids
 
-CTF_MODES = ("flip", "wiener")
+CTF_MODES = ("flip", "wiener", "none")
 
 
 def prepare_spectra(
@@ -51,7 +51,7 @@ def prepare_spectra(
         apix: pixel size in A/px.
         ctf: ``(B, D, D//2+1)`` real CTF of each image (RELION convention), or None for no CTF.
         ctf_mode: ``"flip"``: spectra ``sign(CTF) F`` (sign(0) = +1) with weight 1; ``"wiener"``:
-            ``CTF F`` with weight ``CTF^2``.
+            ``CTF F`` with weight ``CTF^2``; ``"none"``: the CTF is ignored (as ``ctf=None``).
 
     Returns:
         ``(spectra (B, D, D//2+1) complex64, weights (B, D, D//2+1) float32 or None for all ones)``.
@@ -60,7 +60,7 @@ def prepare_spectra(
         raise ValueError(f"ctf_mode must be one of {CTF_MODES}, got {ctf_mode!r}")
     spectra = images.to(torch.complex64) if images.is_complex() else rfft2_centered(images.to(torch.float32))
     spectra = phase_shift_2d(spectra, -image_translation_px(shift_A.to(torch.float32), apix))
-    if ctf is None:
+    if ctf is None or ctf_mode == "none":
         return spectra, None
     ctf = ctf.to(device=spectra.device, dtype=torch.float32)
     if ctf_mode == "flip":
@@ -472,7 +472,7 @@ def accumulate_halves(
                 # touched leave this process's resident memory instead of piling up with N.
                 idx = indices[start:start + chunk_size]
                 images = read_images(ps, idx)
-                ctf = _ctf_of(ps, idx, device)
+                ctf = None if ctf_mode == "none" else _ctf_of(ps, idx, device)
                 matrices = euler_to_matrix(torch.as_tensor(angles[idx])).to(torch.float32)
                 yield (torch.from_numpy(images), matrices, torch.as_tensor(shifts[idx], dtype=torch.float32),
                        ctf, torch.as_tensor(subset[idx]))
