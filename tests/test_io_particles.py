@@ -240,9 +240,12 @@ def test_missing_pose_column(root):
 
 def test_missing_ctf_column(root):
     names, values = _setup(root)
+    # Cs, voltage and Q0 take RELION 3.1's defaults with one warning (RELION reads such files too) ...
     (root / "a.star").write_text(star31_text(names, values, optics_drop=("rlnSphericalAberration",)))
-    _expect_input_error(root / "a.star", r"a\.star: neither data_optics nor data_particles has column "
-                                         r"rlnSphericalAberration", "rlnSphericalAberration")
+    with pytest.warns(UserWarning, match=r"a\.star: no rlnSphericalAberration; taking RELION's defaults"):
+        parts = read_particles(root / "a.star")
+    np.testing.assert_array_equal(parts.ctf.cs_mm, np.zeros(N))
+    # ... but a missing defocus is an error: no default could stand for it.
     (root / "b.star").write_text(star30_text(names, values, drop=("rlnDefocusU",)))
     _expect_input_error(root / "b.star", r"b\.star: data_ has no column rlnDefocusU", "rlnDefocusU")
 

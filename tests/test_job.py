@@ -13,6 +13,12 @@ def test_new_job_records_parameters_and_refuses_to_overwrite(tmp_path):
     assert saved["command_line"] == "gmmrefine refine"
     assert "torch" in saved["versions"]
     assert (tmp_path / "job" / "log.txt").read_text().count("starting job") == 1
+    # Nothing computed yet (a run that failed on its input): a plain rerun starts again ...
+    Job(tmp_path / "job", {"seed": 4, "iterations": 5}, command_line=[])
+    assert "starting again" in (tmp_path / "job" / "log.txt").read_text()
+    assert json.loads((tmp_path / "job" / "job.json").read_text())["params"]["seed"] == 4
+    # ... once a step is done, the folder is refused without --continue.
+    Job(tmp_path / "job", {"seed": 4, "iterations": 5}, command_line=[]).mark_done("it001/refine")
     with pytest.raises(InputError, match="--continue"):
         Job(tmp_path / "job", {"seed": 3, "iterations": 5})
 

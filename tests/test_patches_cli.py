@@ -70,7 +70,7 @@ def _reset_to_before_patches(src: Path, dst: Path) -> None:
     for f in (dst / "final").glob("composite_*"):
         f.unlink()
     state = json.loads((dst / "state.json").read_text())
-    state["done"] = {k: v for k, v in state["done"].items() if not k.startswith("patches")}
+    state["done"] = {k: v for k, v in state["done"].items() if not k.startswith("patches") and k != "finished"}
     (dst / "state.json").write_text(json.dumps(state))
 
 

@@ -78,7 +78,13 @@ def _header_without_map_id(path: Path):
                 header = None if mrc.header is None else mrc.header.copy()
     except Exception:
         return None
-    if header is not None and str(path) not in _WARNED:
+    if header is None:
+        return None
+    try:  # without the id string, only a known data mode says this is an MRC file at all
+        mrcfile.utils.data_dtype_from_header(header)
+    except ValueError:
+        return None
+    if str(path) not in _WARNED:
         _WARNED.add(str(path))
         warnings.warn(f"{path}: the MRC header has no 'MAP ' id string (an older writer's); reading it as "
                       "RELION does.", stacklevel=4)
