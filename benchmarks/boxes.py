@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reconstruct import measured, replicate_star  # noqa: E402
+from reconstruct import measured, replicate_star
 
 MODEL = Path(__file__).resolve().parents[1] / "src" / "gmmrefine" / "data" / "adk_open.pdb"
 
@@ -124,10 +124,11 @@ def print_row(r: dict, flush: bool = False) -> None:
 
 def relion_comparison(out: Path, n: int) -> dict:
     """Box 256, an O assembly of adk (per-copy hinges), gmmrefine against relion_refine_mpi, to convergence."""
+    from refine import run_relion, truth_mask
+
     from gmmrefine.io.mrc import read_map
     from gmmrefine.io.particles import read_particles
     from gmmrefine.pipeline.evaluate import masked_fsc_to_truth, pose_errors
-    from refine import run_relion, truth_mask
 
     sim = simulate(out, 256, n, "--sym", "O", "--hinge-residues", "122-159", "--hinge-deg", "8", name=f"sim_O256_{n}")
     truth = read_particles(sim / "particles.star")

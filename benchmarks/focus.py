@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def _run(argv: list[str], log: Path) -> dict:
     """Run ``gmmrefine ARGV``; returns its wall and CPU seconds (children's user + system)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from refine import run_relion, truth_mask  # noqa: E402  (the same peer and its settings)
+from refine import run_relion, truth_mask
 
 MODEL = Path(__file__).resolve().parents[1] / "src" / "gmmrefine" / "data" / "adk_open.pdb"
 GM = [sys.executable, "-m", "gmmrefine"]
@@ -210,8 +210,8 @@ def drift_from_truth(sim: Path, rows: np.ndarray, band, settings: dict, passes: 
     """Mean errors after each pass of each optimiser setting (``name: (PoseSettings, ctf mode)``) started
     at the true poses, against a GMM of the noise-free map built in ``band`` (the refinement's N rule)."""
     from gmmrefine.fourier.filters import low_pass
-    from gmmrefine.gmm.build import REFERENCE_SPACING_FRACTION, build_gmm, estimate_n
     from gmmrefine.geometry.rotations import rotation_angle_deg
+    from gmmrefine.gmm.build import REFERENCE_SPACING_FRACTION, build_gmm, estimate_n
     from gmmrefine.io.mrc import read_map
     from gmmrefine.refine.poses import refine_poses, ring_correlations_at
     from gmmrefine.refine.snr import expected_correlation, fit_ring_snr

@@ -148,7 +148,7 @@ def _peak_rss_mb(n, box, apix, cut, batch, threads) -> float:
     """
     import subprocess
 
-    code = ("import sys, torch; sys.path.insert(0, %r); import projection as p; "
+    code = ("import sys, torch; sys.path.insert(0, %r); import projection as p; "  # noqa: UP031
             "hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]); "
             "torch.set_num_threads(%d); g = torch.Generator().manual_seed(0); "
             "case = p.make_case(%d, %d, %r, %r, %d, g); "
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
     for n, box, apix, cut in grid:
         case = make_case(n, box, apix, cut, args.batch, gen)
         (p_ours, p_base, s_ours, s_base), peak = interleaved_rates(
-            [lambda: projector_step(project_band, *case), lambda: projector_step(project_baseline, *case),
-             lambda: step(project_band, *case), lambda: step(project_baseline, *case)], args.batch)
+            [lambda: projector_step(project_band, *case), lambda: projector_step(project_baseline, *case),  # noqa: B023
+             lambda: step(project_band, *case), lambda: step(project_baseline, *case)], args.batch)  # noqa: B023
         band = case[0]
         k1 = band.k_max + 1
         flops = 3 * 2 * (2 * k1) ** 2 * n  # forward bmm + two backward bmm, per particle

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reconstruct import replicate_star  # noqa: E402
+from reconstruct import replicate_star
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_PARTICLES_PER_S = 400_000 / (2 * 3600)  # ~55/s: 400,000 particles, box 196, ~2 h per iteration
@@ -198,8 +198,8 @@ def _print_speed(res: dict, best: dict, args) -> None:
     print(f"{'refinement particles/s':28s} {best[1]['refine_particles_per_s']:12.1f} "
           f"{best[2]['refine_particles_per_s']:12.1f}"
           + (f"   (paper: ~{PAPER_PARTICLES_PER_S:.0f}/s, box 196, RTX A5000)" if args.device.startswith("cuda") else ""))
-    print(f"{'peak RSS per process (MB)':28s} {str(best[1]['peak_rss_MB_per_process']):>12s} "
-          f"{str(best[2]['peak_rss_MB_per_process']):>12s}")
+    print(f"{'peak RSS per process (MB)':28s} {best[1]['peak_rss_MB_per_process']!s:>12s} "
+          f"{best[2]['peak_rss_MB_per_process']!s:>12s}")
     ag = sp["agreement_1_vs_2_processes"]
     print(f"1 vs 2 processes: poses differ by <= {ag['max_pose_difference_deg']:.2e} deg, "
           f"{ag['max_shift_difference_A']:.2e} A; half-map FSC >= {ag['min_half_map_fsc']:.6f}")

@@ -57,3 +57,41 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels and devices: the same tests on every CPU path and every device this machine has
+# ------------------------------------------------------------------------------------------------
+
+def kernel_modes() -> list[str]:
+    """``GMMREFINE_KERNELS`` values to test: the compiled kernels (when built) and the torch code."""
+    from gmmrefine import native
+
+    return ["native", "torch"] if native._load()[0] is not None else ["torch"]
+
+
+def pytest_generate_tests(metafunc):
+    """Tests that take ``device`` run on each device; tests that use the ``kernels`` fixture (modules opt in with ``pytestmark =
+    pytest.mark.usefixtures("kernels")``) run once per kernel mode; those marked ``compares_kernels``
+    compare the two paths themselves and run once."""
+    if "kernels" in metafunc.fixturenames:
+        single = metafunc.definition.get_closest_marker("compares_kernels") is not None
+        metafunc.parametrize("kernels", ["auto"] if single else kernel_modes(), indirect=True)
+    if "device" in metafunc.fixturenames:
+        from gmmrefine.devices import available_devices
+
+        metafunc.parametrize("device", available_devices(), indirect=True)
+
+
+@pytest.fixture
+def kernels(request, monkeypatch) -> str:
+    """The CPU kernels a test runs with (``GMMREFINE_KERNELS``), set for the test and restored."""
+    mode = getattr(request, "param", "auto")
+    monkeypatch.setenv("GMMREFINE_KERNELS", mode)
+    return mode
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """Each device this machine has (CPU, every CUDA GPU, MPS): the same test runs on all."""
+    return torch.device(getattr(request, "param", "cpu"))

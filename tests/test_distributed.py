@@ -3,7 +3,6 @@
 The multi-process runs themselves (torchrun, gloo) are in tests/test_refine_cli.py.
 """
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from gmmrefine import distributed
 def test_shards_cover_every_row_once_in_whole_blocks(n, block, world):
     shards = [distributed.shard(n, block, r, world) for r in range(world)]
     assert shards[0][0] == 0 and shards[-1][1] == n
-    for (lo, hi), (lo2, _) in zip(shards, shards[1:]):
+    for (_, hi), (lo2, _) in zip(shards, shards[1:]):
         assert hi == lo2  # contiguous, in rank order
     for lo, hi in shards:
         assert lo % block == 0 and (hi % block == 0 or hi == n)
@@ -65,11 +64,22 @@ def test_chunks_are_bounded_in_bytes_and_blocks_in_batches():
 
 
 def test_projection_in_one_piece_as_on_cuda(monkeypatch):
-    """On CUDA the projector takes all Gaussians at once, on the CPU in chunks: run the CUDA branch on
-    the CPU (chunk = all) and require the same values, gradients, shapes and dtypes."""
+    """On CUDA the torch projector takes all Gaussians at once, on the CPU in chunks: run CUDA's branch
+    on the CPU (the torch path, chunk = all) and require the same values, gradients, shapes and dtypes.
+    The torch path is forced (GMMREFINE_KERNELS=torch) and its calls counted: with the compiled
+    library built, the fused C kernel would otherwise run both times."""
+    from gmmrefine import native
     from gmmrefine.gmm import project
     from gmmrefine.gmm.model import GaussianMixture
     from gmmrefine.gmm.project import fourier_band, project_gmm
+
+    monkeypatch.setenv("GMMREFINE_KERNELS", "torch")
+    calls = {"torch": 0, "fused": 0}
+    separable, fused = project._SeparableProjection.apply, native.project_fused_forward
+    monkeypatch.setattr(project._SeparableProjection, "apply",
+                        lambda *a: calls.__setitem__("torch", calls["torch"] + 1) or separable(*a))
+    monkeypatch.setattr(native, "project_fused_forward",
+                        lambda *a: calls.__setitem__("fused", calls["fused"] + 1) or fused(*a))
 
     g = torch.Generator().manual_seed(0)
     n, b = 2500, 16
@@ -95,6 +105,7 @@ def test_projection_in_one_piece_as_on_cuda(monkeypatch):
     scale = chunked.abs().max()
     assert float((whole - chunked).abs().max() / scale) < 1e-5
     assert float((g_whole - g_chunked).abs().max() / g_chunked.abs().max()) < 1e-4
+    assert calls == {"torch": 2, "fused": 0}
 
 
 def test_bad_batch_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -2,7 +2,6 @@
 that a fixed input can start again, a finished job left alone, health warnings, help texts."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

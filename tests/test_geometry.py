@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
@@ -7,10 +9,10 @@ from gmmrefine.geometry.rotations import (
     euler_to_matrix,
     matrix_to_axis_angle,
     matrix_to_euler,
+    project_points,
     random_rotations,
     rotation_angle_deg,
     slice_frequencies,
-    project_points,
 )
 
 
@@ -70,3 +72,15 @@ def test_random_rotations_are_proper():
     m = random_rotations(100, torch.Generator().manual_seed(0))
     assert (m @ m.transpose(-1, -2) - torch.eye(3, dtype=m.dtype)).abs().max() < 1e-12
     assert (torch.det(m) - 1).abs().max() < 1e-12
+
+
+def test_rotation_angle_resolves_small_angles_in_float32():
+    """acos of the trace could not resolve angles below ~0.03 degree in float32; equal matrices give 0."""
+    from gmmrefine.geometry.rotations import axis_angle_to_matrix, random_rotations, rotation_angle_deg
+
+    base = random_rotations(50, torch.Generator().manual_seed(4)).float()
+    assert float(rotation_angle_deg(base, base).abs().max()) == 0.0
+    for angle_deg in (1e-3, 0.01, 1.0, 179.0):
+        turn = axis_angle_to_matrix(torch.tensor([[0.0, 0.6, 0.8]]) * math.radians(angle_deg))
+        got = rotation_angle_deg(turn.float() @ base, base)
+        assert float((got - angle_deg).abs().max()) < max(2e-4, 1e-5 * angle_deg), (angle_deg, got)

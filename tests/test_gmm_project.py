@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from gmmrefine.fourier.fft import irfft2_centered, rfft2_centered
@@ -12,6 +13,9 @@ from gmmrefine.geometry.rotations import euler_to_matrix, random_rotations
 from gmmrefine.geometry.shifts import image_translation_px
 from gmmrefine.gmm import GaussianMixture, fourier_band, frc_loss, project_band, project_gmm
 from gmmrefine.gmm.project import project_positions, project_reference
+
+# Every test here runs on both CPU paths: the compiled kernels and the torch code (CUDA's).
+pytestmark = pytest.mark.usefixtures("kernels")
 
 
 def _random_gmm(n, spread_A, gen, width=(0.8, 2.3)):
@@ -165,6 +169,7 @@ def test_frc_gradient_points_to_true_pose():
     assert float(err.max()) < 0.5 and float(t.detach().abs().max()) < 0.1
 
 
+@pytest.mark.compares_kernels
 def test_fused_kernels_equal_tensor_path(monkeypatch):
     """The fused C kernels (float32 on the CPU: tables built in cache and multiplied by BLAS sgemm)
     against the torch code that CUDA runs: forward and every gradient, over several chunks of
@@ -198,7 +203,7 @@ def test_fused_kernels_equal_tensor_path(monkeypatch):
                 if fused:
                     for kernel in ("project_fused_forward", "project_fused_backward"):
                         fn = getattr(native, kernel)
-                        m.setattr(native, kernel, lambda *args, fn=fn: calls.append(1) or fn(*args))
+                        m.setattr(native, kernel, lambda *args, fn=fn, calls=calls: calls.append(1) or fn(*args))
                 else:
                     m.setattr(project, "_fused", lambda *args: False)
                 leaves = [t.clone().requires_grad_() for t in (pos, amp, width)]
@@ -213,6 +218,7 @@ def test_fused_kernels_equal_tensor_path(monkeypatch):
             assert err < 2e-5, f"{name}, {label}: relative difference {err:.2e}"
 
 
+@pytest.mark.compares_kernels
 def test_fused_projection_of_centres_equals_tensor_path(monkeypatch):
     """project_band through the fused kernels (positions, shifts and their gradients computed in C)
     against the torch path: the projection and the gradients to centres, amplitudes, widths, the
@@ -237,7 +243,8 @@ def test_fused_projection_of_centres_equals_tensor_path(monkeypatch):
                 with monkeypatch.context() as m:
                     if fused:
                         fn = project._FusedProjection.apply
-                        m.setattr(project._FusedProjection, "apply", lambda *a, fn=fn: calls.append(1) or fn(*a))
+                        m.setattr(project._FusedProjection, "apply",
+                                  lambda *a, fn=fn, calls=calls: calls.append(1) or fn(*a))
                     else:
                         m.setattr(project, "_fused", lambda *args: False)
                     leaves = [t.clone().requires_grad_() for t in (centers, amp, width, rot)]

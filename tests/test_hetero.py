@@ -16,10 +16,8 @@ from gmmrefine.fourier.filters import low_pass
 from gmmrefine.gmm.build import build_gmm
 from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import fourier_band
-from gmmrefine.hetero.networks import (blend_weights, build_decoder, coarse_clusters, half_seed, pca,
-                                       pretrain_decoder)
-from gmmrefine.hetero.train import (HalfStream, HeteroSettings, frc_gradient_features, latent_table,
-                                    train_halves)
+from gmmrefine.hetero.networks import blend_weights, build_decoder, coarse_clusters, half_seed, pca, pretrain_decoder
+from gmmrefine.hetero.train import HalfStream, HeteroSettings, frc_gradient_features, latent_table, train_halves
 from gmmrefine.io.particles import read_particles
 from gmmrefine.io.star import read_star
 from gmmrefine.reconstruct.invert import reconstruct_halves
@@ -30,7 +28,7 @@ SNR = 0.1
 RESOLUTION_A = 8.0
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "kernels")  # kernels: both CPU paths
 
 
 def _toy_gmm(n: int = 60, seed: int = 0) -> GaussianMixture:

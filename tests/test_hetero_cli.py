@@ -18,7 +18,6 @@ from gmmrefine.io.mrc import read_map
 from gmmrefine.io.particles import read_particles
 from gmmrefine.io.star import read_star
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -138,3 +137,69 @@ def test_mask_gives_domain_poses_and_maps(data, tmp_path):
     summary = json.loads((hj / "summary.json").read_text())
     # Trilinear sampling: the mask exceeds 0.5 from half a voxel left of its edge.
     assert summary["domain"]["1"]["n_domain_gaussians"] == int((gmm.centers_A[:, 0] > -0.5 * ps.apix).sum())
+
+
+def _job_folder(root, sim, *, half_resolution: dict, resolution: float, noisy_half2: bool):
+    """A refine job folder as `hetero --job` reads it: final/particles.star, last iteration's GMMs and
+    fsc.json (each half's own resolution), final/summary.json (the gold-standard resolution)."""
+    from gmmrefine.gmm.model import GaussianMixture
+    from gmmrefine.io.mrc import open_stack, write_stack
+
+    job = root
+    (job / "final").mkdir(parents=True)
+    (job / "it002").mkdir()
+    shutil.copy(sim / "particles.star", job / "final" / "particles.star")
+    ps = read_particles(sim / "particles.star")
+    stack = np.array(open_stack(sim / "particles.mrcs"), dtype=np.float32)
+    gmm2 = GaussianMixture.load(sim / "gmm_half2.npz")
+    if noisy_half2:
+        rows = ps.image_index[ps.subset == 2]
+        stack[rows] += np.random.default_rng(7).normal(0, stack.std(), stack[rows].shape).astype(np.float32)
+        gmm2 = GaussianMixture(gmm2.centers_A + 0.5, gmm2.amplitudes * 1.1, gmm2.widths_A)
+    write_stack(job / "final" / "particles.mrcs", stack, ps.apix)
+    shutil.copy(sim / "gmm_half1.npz", job / "it002" / "gmm_half1.npz")
+    gmm2.save(job / "it002" / "gmm_half2.npz")
+    (job / "it002" / "fsc.json").write_text(json.dumps({"resolution_A": resolution,
+                                                         "half_resolution_A": half_resolution}))
+    (job / "final" / "summary.json").write_text(json.dumps({"resolution_final_A": resolution}))
+    return job
+
+
+def test_job_defaults_keep_half1_independent_of_half2(data, tmp_path):
+    """`hetero --job` with the default band: half 2's images, GMM, own resolution and the gold-standard
+    resolution all change, and every half-1 output stays bit-identical (each half's band comes from its
+    own resolution estimate, not from the resolution both halves made)."""
+    root, sim, _, _ = data
+    a = _job_folder(tmp_path / "a", sim, half_resolution={"1": 12.0, "2": 14.0}, resolution=11.0, noisy_half2=False)
+    b = _job_folder(tmp_path / "b", sim, half_resolution={"1": 12.0, "2": 10.0}, resolution=9.8, noisy_half2=True)
+    for job in (a, b):
+        assert cli_main(["hetero", "--job", str(job), "--out", str(job / "hj"), "--epochs", "1"]) == 0
+    sa = json.loads((a / "hj" / "summary.json").read_text())
+    sb = json.loads((b / "hj" / "summary.json").read_text())
+    assert sa["settings"]["half_maxres_A"] == [12.0, 14.0] and sb["settings"]["half_maxres_A"] == [12.0, 10.0]
+    half1 = sorted(p.name for p in (a / "hj").iterdir() if "half1" in p.name)
+    assert len(half1) == 4, half1  # networks, PC1 model series and the two PC1 maps
+    for name in half1:
+        if name.endswith(".pt"):  # the zip's folder name comes from the atomic write's temporary name
+            na, nb = (torch.load(j / "hj" / name, weights_only=False) for j in (a, b))
+            assert na.keys() == nb.keys()
+            for key in na:
+                if isinstance(na[key], dict):
+                    assert all(torch.equal(na[key][k], nb[key][k]) for k in na[key]), key
+                else:
+                    assert na[key] == nb[key], key
+        elif name.endswith(".mrc"):  # the header's label holds the time of writing
+            ma, mb = read_map(a / "hj" / name), read_map(b / "hj" / name)
+            assert np.array_equal(ma[0], mb[0]) and ma[1] == mb[1], name
+        else:
+            assert (a / "hj" / name).read_bytes() == (b / "hj" / name).read_bytes(), name
+    def untimed(x):  # wall times differ between any two runs
+        if isinstance(x, dict):
+            return {k: untimed(v) for k, v in x.items() if k != "seconds"}
+        return [untimed(v) for v in x] if isinstance(x, list) else x
+
+    assert untimed(sa["halves"]["1"]) == untimed(sb["halves"]["1"])
+    ps = read_particles(sim / "particles.star")
+    la, lb = np.load(a / "hj" / "latent.npy"), np.load(b / "hj" / "latent.npy")
+    assert np.array_equal(la[ps.half(1)], lb[ps.half(1)])
+    assert not np.array_equal(la[ps.half(2)], lb[ps.half(2)])  # half 2 did see its changes

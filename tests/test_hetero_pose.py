@@ -10,7 +10,6 @@ from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import fourier_band
 from gmmrefine.hetero.conformation import conformation_to_pose, domain_weights
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

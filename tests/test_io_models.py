@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import gemmi
 import numpy as np
@@ -14,7 +15,7 @@ from gmmrefine.io.models import infer_element, read_atoms
 
 def _residue_names(pdb_path) -> Counter:
     residues = {}
-    for line in open(pdb_path):
+    for line in Path(pdb_path).read_text().splitlines():
         if line.startswith("ATOM"):
             residues[(line[21], line[22:27])] = line[17:21].strip()
     return Counter(residues.values())
@@ -22,7 +23,7 @@ def _residue_names(pdb_path) -> Counter:
 
 def test_charmm_pdb_elements_are_inferred(adk_open_pdb):
     atoms = read_atoms(adk_open_pdb)
-    lines = [l for l in open(adk_open_pdb) if l.startswith("ATOM")]
+    lines = [line for line in Path(adk_open_pdb).read_text().splitlines() if line.startswith("ATOM")]
     assert len(atoms) == len(lines) == 3341
     assert atoms.coords_A.dtype == np.float64 and atoms.coords_A.shape == (3341, 3)
     np.testing.assert_allclose(atoms.coords_A[0], [float(lines[0][30:38]), float(lines[0][38:46]),

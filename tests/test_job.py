@@ -7,7 +7,7 @@ from gmmrefine.pipeline.job import Job
 
 
 def test_new_job_records_parameters_and_refuses_to_overwrite(tmp_path):
-    job = Job(tmp_path / "job", {"seed": 3, "iterations": 5}, command_line=["gmmrefine", "refine"])
+    Job(tmp_path / "job", {"seed": 3, "iterations": 5}, command_line=["gmmrefine", "refine"])
     saved = json.loads((tmp_path / "job" / "job.json").read_text())
     assert saved["params"] == {"seed": 3, "iterations": 5}
     assert saved["command_line"] == "gmmrefine refine"

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _kill import kill_after_step
+
 from gmmrefine.cli.main import main as cli_main
 from gmmrefine.io.mrc import open_stack, read_map, write_map, write_stack
 from gmmrefine.io.particles import read_particles

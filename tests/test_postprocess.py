@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from gmmrefine.fourier.filters import (apply_bfactor, fsc_weights, low_pass, radial_amplitude,
-                                       randomise_phases)
+from gmmrefine.fourier.filters import apply_bfactor, fsc_weights, low_pass, radial_amplitude, randomise_phases
 from gmmrefine.fourier.fsc import fourier_shell_correlation, resolution_at
 from gmmrefine.fourier.local_resolution import crossing_resolution, local_resolution
 from gmmrefine.fourier.masks import mask_from_map, soft_mask_outside_map, soft_sphere

@@ -18,8 +18,16 @@ from gmmrefine.geometry.rotations import random_rotations
 from gmmrefine.geometry.shifts import image_translation_px
 from gmmrefine.geometry.symmetry import expand_poses
 from gmmrefine.reconstruct.insert import FourierAccumulator
-from gmmrefine.reconstruct.invert import (accumulate_images, prepare_spectra, reconstruct_map,
-                                          reconstruct_maps_low_memory, symmetry_matrices)
+from gmmrefine.reconstruct.invert import (
+    accumulate_images,
+    prepare_spectra,
+    reconstruct_map,
+    reconstruct_maps_low_memory,
+    symmetry_matrices,
+)
+
+# Every test here runs on both CPU paths: the compiled kernels and the torch code (CUDA's).
+pytestmark = pytest.mark.usefixtures("kernels")
 
 BOX, APIX = 40, 2.0
 
@@ -217,6 +225,7 @@ def test_halves_inserted_on_two_threads_equal_one_after_the_other(truth_and_part
         assert torch.equal(serial[h].data, parallel[h].data) and torch.equal(serial[h].weight, parallel[h].weight)
 
 
+@pytest.mark.compares_kernels
 @pytest.mark.parametrize("sym,wiener", [(None, False), ("D2", True)])
 def test_compiled_insertion_equals_tensor_insertion(truth_and_particles, sym, wiener):
     """The C kernel (the CPU default) against the torch code (CUDA's): same sums in another order."""
@@ -241,6 +250,7 @@ def test_compiled_insertion_equals_tensor_insertion(truth_and_particles, sym, wi
         FourierAccumulator(BOX, device="meta").insert(spectra[:1], mats[:1], method="compiled")
 
 
+@pytest.mark.compares_kernels
 def test_compiled_insertion_wraps_any_position_as_the_tensor_insertion(truth_and_particles):
     """Matrices that scale samples past the grid (not rotations) wrap exactly as torch.remainder does,
     and a non-finite matrix is refused, never written out of bounds."""
@@ -259,6 +269,7 @@ def test_compiled_insertion_wraps_any_position_as_the_tensor_insertion(truth_and
             FourierAccumulator(BOX).insert(spectra[:2], bad, method=method)
 
 
+@pytest.mark.compares_kernels
 def test_compiled_pipe_menon_steps_equal_tensor_steps(truth_and_particles, monkeypatch):
     """The Pipe-Menon iteration's elementwise steps in C (CPU) and in torch (CUDA): the same float32
     operations, so bit-identical weights."""

@@ -140,7 +140,7 @@ def test_postprocess_cli_bad_input_writes_nothing(tmp_path, case, capsys):
 @pytest.mark.relion
 def test_reconstruct_cli_on_relion_project_particles(tmp_path):
     """relion_project particles with CTF and noise: the CLI's half maps agree with relion_reconstruct."""
-    from test_reconstruct_relion import gaussian_map, simulate  # noqa: PLC0415 - shared simulation
+    from test_reconstruct_relion import gaussian_map, simulate
 
     truth = gaussian_map(50, seed=4)
     star = simulate(tmp_path / "sim", truth, 300, noise=0.5, seed=5)

@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from gmmrefine.fourier.filters import low_pass
 from gmmrefine.fourier.fsc import fourier_shell_correlation
 from gmmrefine.fourier.masks import mask_from_map
-from gmmrefine.fourier.filters import low_pass
 from gmmrefine.fourier.postprocess import postprocess
 from gmmrefine.geometry.symmetry import symmetrize_map
 from gmmrefine.io.mrc import read_map, write_map
 from gmmrefine.io.particles import CTFParams, new_particle_tables, read_particles
 from gmmrefine.io.star import write_star
-from gmmrefine.reconstruct.invert import (accumulate_halves, reconstruct_halves, reconstruct_map,
-                                          symmetry_matrices)
+from gmmrefine.reconstruct.invert import accumulate_halves, reconstruct_halves, reconstruct_map, symmetry_matrices
 
 pytestmark = pytest.mark.relion
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _kill import kill_after_step
+
 from gmmrefine.cli.main import main as cli_main
 from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.io.mrc import open_stack, read_map, write_stack
@@ -31,7 +31,8 @@ def runs(tmp_path_factory, adk_open_pdb):
     root = tmp_path_factory.mktemp("refine")
     sim = root / "sim"
     assert cli_main(["simulate", "--model", str(adk_open_pdb), "--n", "320", "--box", "48", "--apix", "2.0",
-                     "--snr", "0.2", "--origin-sigma-px", "1", "--perturb-deg", "4", "--perturb-A", "1", "--seed", "1", "--out", str(sim)]) == 0
+                     "--snr", "0.2", "--origin-sigma-px", "1", "--perturb-deg", "4", "--perturb-A", "1", "--seed", "1",
+                     "--out", str(sim)]) == 0
     # The same data with every half-2 image changed (more noise): half 1 must not notice.
     sim2 = root / "sim_odd_changed"
     shutil.copytree(sim, sim2)
@@ -211,7 +212,7 @@ def test_two_processes_give_the_poses_and_maps_of_one(runs, two_processes):
 def test_sigterm_under_torchrun_checkpoints_and_continue_matches(runs, two_processes):
     star = runs["sim"] / "particles_perturbed.star"
     out = runs["root"] / "two_processes_terminated"
-    err = open(runs["root"] / "two_processes_terminated.err", "w+")
+    err = open(runs["root"] / "two_processes_terminated.err", "w+")  # noqa: SIM115  (the child's stderr, read later)
     proc = _torchrun(star, out, popen=err)
     state = out / "state.json"
     deadline = time.time() + 480

@@ -16,6 +16,9 @@ from gmmrefine.refine import poses as poses_module
 from gmmrefine.refine.poses import PoseSettings, particle_band, pose_precision, refine_poses, ring_correlations_at
 from gmmrefine.refine.snr import expected_correlation, fit_ring_snr, ring_ctf_moments, ring_weights
 
+# Every test here runs on both CPU paths: the compiled kernels and the torch code (CUDA's).
+pytestmark = pytest.mark.usefixtures("kernels")
+
 BOX, APIX, N = 64, 1.8, 240
 
 

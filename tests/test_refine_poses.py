@@ -15,6 +15,9 @@ from gmmrefine.gmm.render import render_image
 from gmmrefine.io.models import read_atoms
 from gmmrefine.refine.poses import PoseSettings, particle_band, refine_poses
 
+# Every test here runs on both CPU paths: the compiled kernels and the torch code (CUDA's).
+pytestmark = pytest.mark.usefixtures("kernels")
+
 BOX, APIX, N = 64, 1.8, 160
 PAPER = PoseSettings(optimiser="paper", objective="frc")
 

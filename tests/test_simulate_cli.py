@@ -196,6 +196,6 @@ def test_symmetric_assembly_with_independently_hinged_copies(adk_open_pdb, tmp_p
     assert symmetry_error(vol, "C2", inner, blur_px=1.5) > 0.1
     # domain_mask.mrc covers the first copy's domain only.
     mask = torch.tensor(mrcfile.read(out / "domain_mask.mrc"))
-    assert 0 <= float(mask.min()) and float(mask.max()) == 1.0
+    assert float(mask.min()) >= 0 and float(mask.max()) == 1.0
     turned = rotate_map(mask, symmetry_operators("C3")[1])
     assert float((mask * turned).sum()) < 0.2 * float(mask.sum())

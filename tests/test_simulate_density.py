@@ -137,7 +137,8 @@ def test_hinge_moves_only_the_domain_rigidly(adk):
 
 def test_perturbed_poses_move_by_exactly_the_requested_amounts():
     n = 500
-    angles = torch.rand(n, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64).numpy() * [360, 180, 360] - [180, 0, 180]
+    angles = (torch.rand(n, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64).numpy()
+              * [360, 180, 360] - [180, 0, 180])
     shift = np.random.default_rng(0).normal(0, 3, (n, 2))
     new_angles, new_shift = perturb_poses(angles, shift, 4.0, 1.0, seed=7)
     diff = rotation_angle_deg(euler_to_matrix(torch.as_tensor(new_angles)), euler_to_matrix(torch.as_tensor(angles)))

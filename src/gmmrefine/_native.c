@@ -19,10 +19,25 @@
 #include <Python.h>
 
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Portable across GCC, Clang and MSVC: OpenMP where the build enabled it (setup.py tries), else the
+ * same loops run serially; thread-local work space and exported symbols per compiler. */
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_max_threads(void) { return 1; }
+static int omp_get_thread_num(void) { return 0; }
+#endif
+#if defined(_MSC_VER)
+#define THREAD_LOCAL __declspec(thread)
+#define GMM_EXPORT __declspec(dllexport)
+#else
+#define THREAD_LOCAL __thread
+#define GMM_EXPORT __attribute__((visibility("default")))
+#endif
 
 /* i mod n in 0..n-1 (Python's remainder); one comparison for the usual |i| <= n. */
 static inline int64_t wrap_index(int64_t i, int64_t n) {
@@ -88,7 +103,7 @@ static inline int fold_position(const float *a, float kx, float ky, float fsize,
  * size:   Dp; group: views binned together; tile: planes per bin
  * Returns 0, or -1 when the work space cannot be allocated (nothing is added then).
  */
-int gmm_insert_slices(float *data, float *weight, const float *values, const float *wts,
+GMM_EXPORT int gmm_insert_slices(float *data, float *weight, const float *values, const float *wts,
                       const float *mats, const int64_t *view_particle, int64_t nviews,
                       const float *freqs, int64_t nsamples, int64_t size, int64_t group,
                       int64_t tile) {
@@ -229,7 +244,7 @@ static inline void advance_anchors(int64_t l, double *zxr, double *zxi, double *
  * output (the float steps add < TABLE_BLOCK roundings). */
 #define TABLE_BLOCK 8
 TABLE_CLONES
-void gmm_chunk_tables(const float *centers, const float *rows, double shift_x_A, double shift_y_A, const double *q,
+GMM_EXPORT void gmm_chunk_tables(const float *centers, const float *rows, double shift_x_A, double shift_y_A, const double *q,
                       const float *amp, const float *width, double kappa, int64_t nc, int64_t k1, double w,
                       float *xt, float *yt, int64_t ld) {
     const double r00 = rows[0], r01 = rows[1], r02 = rows[2], r10 = rows[3], r11 = rows[4], r12 = rows[5];
@@ -342,7 +357,7 @@ void gmm_chunk_tables(const float *centers, const float *rows, double shift_x_A,
 /* out[j] = (sum_n Re z_n, f1^2 sum_n n^2 Re z_n, 2 pi f1 sum_n n Im z_n), z_n = h_n tab_n, for
  * transposed (2 k1, ld) tables h and tab; out: (nc, 3). */
 TABLE_CLONES
-void gmm_chunk_sums(const float *h, const float *tab, int64_t nc, int64_t k1, int64_t ld, double f1, float *out) {
+GMM_EXPORT void gmm_chunk_sums(const float *h, const float *tab, int64_t nc, int64_t k1, int64_t ld, double f1, float *out) {
     float s0[TABLE_LANES], s1[TABLE_LANES], s2[TABLE_LANES];
     const float w1 = (float)(f1 * f1), w2 = (float)(2.0 * 3.14159265358979323846 * f1);
     for (int64_t l0 = 0; l0 < nc; l0 += TABLE_LANES) {
@@ -381,7 +396,7 @@ static void sgemm_call(sgemm_fn f, char ta, char tb, int64_t m, int64_t n, int64
 }
 
 /* 1 if sgemm_ptr multiplies correctly (a 2x3 by 3x2 product), else 0. */
-int gmm_sgemm_check(void *sgemm_ptr) {
+GMM_EXPORT int gmm_sgemm_check(void *sgemm_ptr) {
     const float a[6] = {1, 2, 3, 4, 5, 6}, b[6] = {1, 0, -1, 2, 1, 0}; /* column-major 2x3, 3x2 */
     float c[4] = {0, 0, 0, 0};
     sgemm_call((sgemm_fn)sgemm_ptr, 'N', 'N', 2, 2, 3, a, 2, b, 3, 0.0f, c, 2);
@@ -413,8 +428,8 @@ static void leave_thread(unsigned int csr) {
  * and page-faulted on every call (~0.2 ms of a 1 ms projection at small N). A slot grows to the
  * largest request and is kept; slots hold at most ~1 MB of tables per OpenMP worker plus the
  * caller's blocks (B (2 k1)^2 floats per thread and two per particle in the backward). */
-static __thread float *worker_slot = NULL, *caller_slot = NULL, *ratio_slot = NULL;
-static __thread size_t worker_size = 0, caller_size = 0, ratio_size = 0;
+static THREAD_LOCAL float *worker_slot = NULL, *caller_slot = NULL, *ratio_slot = NULL;
+static THREAD_LOCAL size_t worker_size = 0, caller_size = 0, ratio_size = 0;
 
 static float *thread_scratch(float **slot, size_t *size, size_t floats) {
     if (floats > *size) {
@@ -467,7 +482,7 @@ static void item_tables(const projection_args *a, const double *q, int64_t b, in
  * pairs in static order; each thread sums into its own blocks, added in thread order (deterministic
  * for a given thread count). Returns 0, or -1 when out of memory.
  */
-int gmm_project_fused_forward(void *sgemm_ptr, const projection_args *a, float *out) {
+GMM_EXPORT int gmm_project_fused_forward(void *sgemm_ptr, const projection_args *a, float *out) {
     const sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int64_t nb = a->nb, n = a->n, np = a->np, chunk = a->chunk, row = 2 * a->k1, blk = row * row;
     const int64_t nch = (n + chunk - 1) / chunk, items = nb * nch;
@@ -538,7 +553,7 @@ int gmm_project_fused_forward(void *sgemm_ptr, const projection_args *a, float *
  *   d_rows (nb, 2, 3) = sum_j d p_j c_j^T;  d_shift (nb, 2) = apix sum_j d p_j  (px).
  * Sums over a particle's Gaussians are made per work item and added in item order.
  */
-int gmm_project_fused_backward(void *sgemm_ptr, const projection_args *a, const float *grad, float *d_centers,
+GMM_EXPORT int gmm_project_fused_backward(void *sgemm_ptr, const projection_args *a, const float *grad, float *d_centers,
                                float *d_amp, float *d_width, float *d_rows, float *d_shift) {
     const sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int64_t nb = a->nb, n = a->n, np = a->np, chunk = a->chunk, k1 = a->k1, row = 2 * k1, blk = row * row;
@@ -634,7 +649,7 @@ int gmm_project_fused_backward(void *sgemm_ptr, const projection_args *a, const 
  */
 
 /* spectrum (count complex, interleaved) = a * b + 0i */
-void gmm_pm_fill(float *spectrum, const float *a, const float *b, int64_t count) {
+GMM_EXPORT void gmm_pm_fill(float *spectrum, const float *a, const float *b, int64_t count) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < count; i++) {
         spectrum[2 * i] = a[i] * b[i];
@@ -644,7 +659,7 @@ void gmm_pm_fill(float *spectrum, const float *a, const float *b, int64_t count)
 
 /* real[z][y][x] *= table[kz^2 + ky^2 + kx^2] on an n^3 grid with rows of stride n + 2 floats (the
  * real view of an in-place transform), k the signed frequency of each index (i or i - n). */
-void gmm_pm_multiply_radial(float *real, const float *table, int64_t n) {
+GMM_EXPORT void gmm_pm_multiply_radial(float *real, const float *table, int64_t n) {
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t z = 0; z < n; z++) {
         for (int64_t y = 0; y < n; y++) {
@@ -660,7 +675,7 @@ void gmm_pm_multiply_radial(float *real, const float *table, int64_t n) {
 }
 
 /* inverse[i] = min(inverse[i] / max(|Re spectrum[i]|, floor), cap) */
-void gmm_pm_divide(float *inverse, const float *spectrum, int64_t count, float floor_value, float cap) {
+GMM_EXPORT void gmm_pm_divide(float *inverse, const float *spectrum, int64_t count, float floor_value, float cap) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < count; i++) {
         float d = fabsf(spectrum[2 * i]);
@@ -668,6 +683,15 @@ void gmm_pm_divide(float *inverse, const float *spectrum, int64_t count, float f
         float v = inverse[i] / d;
         inverse[i] = v < cap ? v : cap;
     }
+}
+
+/* Threads of the OpenMP loops (0: built without OpenMP, the loops run serially). */
+GMM_EXPORT int gmm_openmp_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 0;
+#endif
 }
 
 /* An importable module too, so that packaging and import machinery can find the library. */

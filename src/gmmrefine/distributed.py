@@ -34,8 +34,9 @@ import datetime
 import os
 import pickle
 import signal
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 #: Exit code of a run stopped by SIGTERM after writing its checkpoint (128 + SIGTERM, the usual code
 #: of a terminated process, so batch systems and scripts see that it did not finish).
@@ -91,16 +92,16 @@ def current() -> Context:
 def launch_environment(env: dict | None = None) -> tuple[int, int, int, int] | None:
     """``(rank, world_size, local_rank, local_world_size)`` from torchrun's or srun's variables, or
     None when the process was not started as one of several."""
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local = int(env.get("LOCAL_RANK", rank))
-        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
-    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and "MASTER_ADDR" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
-        local = int(env.get("SLURM_LOCALID", 0))
+    environ: Mapping[str, Any] = os.environ if env is None else env
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        rank, world = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+        local = int(environ.get("LOCAL_RANK", rank))
+        local_world = int(environ.get("LOCAL_WORLD_SIZE", world))
+    elif "SLURM_PROCID" in environ and "SLURM_STEP_NUM_TASKS" in environ and "MASTER_ADDR" in environ:
+        rank, world = int(environ["SLURM_PROCID"]), int(environ["SLURM_STEP_NUM_TASKS"])
+        local = int(environ.get("SLURM_LOCALID", 0))
         # "4(x2),3" -> tasks per node; this node's count is not named, so take the first.
-        per_node = env.get("SLURM_STEP_TASKS_PER_NODE", str(world)).split(",")[0].split("(")[0]
+        per_node = environ.get("SLURM_STEP_TASKS_PER_NODE", str(world)).split(",")[0].split("(")[0]
         local_world = int(per_node or world)
     else:
         return None
@@ -124,7 +125,8 @@ def init(device: str = "cpu") -> Context:
     """Join the process group the launcher prepared (once; later calls return the same context).
 
     Args:
-        device: the run's ``--device``; with several processes ``cuda`` becomes ``cuda:<LOCAL_RANK>``.
+        device: the run's ``--device`` (``auto``: CUDA when present); with several processes ``cuda``
+            becomes ``cuda:<LOCAL_RANK>``.
 
     Returns:
         The :class:`Context` (a single-process one without a launcher).
@@ -132,6 +134,9 @@ def init(device: str = "cpu") -> Context:
     global _CONTEXT
     if _CONTEXT.active:
         return _CONTEXT
+    from gmmrefine.devices import device_name
+
+    device = device_name(device)  # "auto": CUDA when present, else the CPU
     found = launch_environment()
     if found is None:
         _CONTEXT = Context(device=str(device))
@@ -157,9 +162,10 @@ def init(device: str = "cpu") -> Context:
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=_TIMEOUT)
     _CONTEXT = Context(rank=rank, world_size=world, local_rank=local, local_world_size=local_world,
                        device=rank_device, backend=backend)
-    _THREADS["task"] = torch.get_num_threads()
+    task_threads = torch.get_num_threads()
+    _THREADS["task"] = task_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    _THREADS["alone"] = max(1, min(cores, _THREADS["task"] * local_world))
+    _THREADS["alone"] = max(1, min(cores, task_threads * local_world))
     return _CONTEXT
 
 
@@ -329,7 +335,7 @@ _EXIT = "exit"
 _TASK = {"open": False}
 # CPU threads of rank 0 inside tasks (its share of the node) and outside them, while the other ranks
 # on its node wait idle (GMM fits, map inversion): then it may use the whole node's share.
-_THREADS = {"task": None, "alone": None}
+_THREADS: dict[str, int | None] = {"task": None, "alone": None}
 
 
 def _set_threads(which: str) -> None:
@@ -412,7 +418,7 @@ _STOP = {"signal": None}
 def stop_on_signal(signals: tuple = (signal.SIGTERM,)) -> Iterator[None]:
     """Within the block, ``signals`` set the stop flag instead of ending the process; the previous
     handlers come back afterwards (main thread only)."""
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         _STOP["signal"] = signum
 
     previous = {s: signal.signal(s, handler) for s in signals}
@@ -431,8 +437,3 @@ def stop_requested() -> bool:
 def stop_agreed() -> bool:
     """Whether any rank received a stop signal (a collective: every rank must call it at the same point)."""
     return bool(all_max(int(stop_requested())))
-
-
-def reset_stop() -> None:
-    """Forget a received stop signal (tests)."""
-    _STOP["signal"] = None

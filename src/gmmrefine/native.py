@@ -25,9 +25,11 @@ import glob
 import importlib.util
 import os
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import torch
+
+from gmmrefine.errors import InputError
 
 # Views binned together, and z planes per bin, of the compiled insertion (see _native.c). 64 views of
 # box 128 take 10 MB of work space (6 floats and a bin per sample); more views per group (128: 20 MB)
@@ -49,34 +51,92 @@ class ProjectionArgs(ctypes.Structure):
         (name, _f64) for name in ("f1", "apix", "kappa")]
 
 
-@lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL | None:
+KERNELS_ENV = "GMMREFINE_KERNELS"
+_MODES = ("auto", "native", "torch")
+
+# Measured by benchmarks/kernels.py (2 cores, box 128): what the torch code costs on the CPU instead.
+_SLOWDOWN = "the GMM projection ~3x and the insertion ~2x slower on the CPU"
+
+
+def kernel_mode() -> str:
+    """``GMMREFINE_KERNELS``: ``auto`` (the compiled kernels where they load, else torch), ``native``
+    (the compiled kernels, an error if they cannot run) or ``torch`` (the torch code, as on CUDA)."""
+    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise InputError(f"environment variable {KERNELS_ENV}={mode!r}: expected one of {', '.join(_MODES)}.",
+                         field=KERNELS_ENV)
+    return mode
+
+
+def _why_not(reason: str) -> None:
+    """The compiled kernels cannot run: an error under ``GMMREFINE_KERNELS=native``, else one warning."""
+    if kernel_mode() == "native":
+        raise InputError(f"{KERNELS_ENV}=native, but {reason}.", field=KERNELS_ENV)
+    warnings.warn(f"gmmrefine: {reason}; the torch code runs on the CPU instead ({_SLOWDOWN}). "
+                  "`gmmrefine info` shows the kernels in use.", RuntimeWarning, stacklevel=4)
+
+
+@cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The compiled library and '', or None and why it cannot run."""
     spec = importlib.util.find_spec("gmmrefine._native")
     if spec is None or spec.origin is None:
-        warnings.warn("gmmrefine's compiled kernels are not built (reinstall with `pip install .` and a C "
-                      "compiler); the slower torch code runs on the CPU instead.", RuntimeWarning, stacklevel=3)
-        return None
-    lib = ctypes.CDLL(spec.origin)
-    lib.gmm_insert_slices.restype = ctypes.c_int
+        return None, "the compiled kernels are not built (reinstall with a C compiler: `pip install .`)"
+    try:
+        lib = ctypes.CDLL(spec.origin)
+        lib.gmm_insert_slices.restype = ctypes.c_int
+    except (OSError, AttributeError) as exc:
+        return None, f"the compiled kernels in {spec.origin} do not load ({exc})"
     lib.gmm_insert_slices.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64]
     lib.gmm_sgemm_check.restype = ctypes.c_int
     lib.gmm_sgemm_check.argtypes = [_ptr]
     lib.gmm_project_fused_forward.restype = ctypes.c_int
     lib.gmm_project_fused_forward.argtypes = [_ptr, ctypes.POINTER(ProjectionArgs), _ptr]
     lib.gmm_project_fused_backward.restype = ctypes.c_int
-    lib.gmm_project_fused_backward.argtypes = [_ptr, ctypes.POINTER(ProjectionArgs)] + [_ptr] * 6
+    lib.gmm_project_fused_backward.argtypes = [_ptr, ctypes.POINTER(ProjectionArgs), _ptr, _ptr, _ptr, _ptr, _ptr, _ptr]
     lib.gmm_pm_fill.restype = None
     lib.gmm_pm_fill.argtypes = [_ptr, _ptr, _ptr, _i64]
     lib.gmm_pm_multiply_radial.restype = None
     lib.gmm_pm_multiply_radial.argtypes = [_ptr, _ptr, _i64]
     lib.gmm_pm_divide.restype = None
     lib.gmm_pm_divide.argtypes = [_ptr, _ptr, _i64, ctypes.c_float, ctypes.c_float]
+    return lib, ""
+
+
+_warned: set[str] = set()
+
+
+def _library() -> ctypes.CDLL | None:
+    """The compiled library, or None when switched off or unavailable (one warning, or an error under
+    ``GMMREFINE_KERNELS=native``)."""
+    if kernel_mode() == "torch":
+        return None
+    lib, why = _load()
+    if lib is None and (kernel_mode() == "native" or why not in _warned):
+        _warned.add(why)
+        _why_not(why)
+    return lib
+
+
+def _lib() -> ctypes.CDLL:
+    """The library, for the wrappers below (callers check :func:`available` first)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("gmmrefine's compiled kernels are not built or are switched off")
     return lib
 
 
 def available() -> bool:
-    """True when the compiled kernels are built and loadable."""
+    """True when the compiled kernels are built, loadable and not switched off (``GMMREFINE_KERNELS=torch``)."""
     return _library() is not None
+
+
+def openmp_threads() -> int:
+    """Threads of the compiled kernels' OpenMP loops; 0 when built without OpenMP (or not in use)."""
+    lib = _library()
+    if lib is None or not hasattr(lib, "gmm_openmp_threads"):
+        return 0
+    return int(lib.gmm_openmp_threads())
 
 
 def _pointer(t: torch.Tensor, dtype: torch.dtype) -> int:
@@ -98,9 +158,7 @@ def insert_slices(data: torch.Tensor, weight: torch.Tensor, values: torch.Tensor
         view_particle: ``(V,)`` int64 particle of each view.
         freqs: ``(M, 2)`` float32 ``(kx, ky)`` of the samples in cycles per original pixel.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("gmmrefine's compiled kernels are not built")
+    lib = _lib()
     size = data.shape[0]
     nviews, nsamples = mats.shape[0], freqs.shape[0]
     if values.shape[1] != nsamples or wts.shape != values.shape or view_particle.shape != (nviews,):
@@ -114,11 +172,11 @@ def insert_slices(data: torch.Tensor, weight: torch.Tensor, values: torch.Tensor
         raise MemoryError("the compiled insertion could not allocate its work space")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _blas() -> int | None:
     """Address of the Fortran ``sgemm_`` of the BLAS torch links (MKL or OpenBLAS), or None when no
-    working one is found."""
-    lib = _library()
+    working one is found (independent of the mode, so that it can be cached)."""
+    lib = _load()[0]
     if lib is None:
         return None
     libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
@@ -134,9 +192,38 @@ def _blas() -> int | None:
 
 
 def fused_projection_available() -> bool:
-    """True when the fused projection kernels can run: the library is built and torch's BLAS
-    exports a working ``sgemm_``."""
-    return _blas() is not None
+    """True when the fused projection kernels can run: the library is built, not switched off, and
+    torch's BLAS exports a working ``sgemm_`` (one warning when it does not)."""
+    if _library() is None:
+        return False
+    if _blas() is None:
+        why = "torch's libraries export no working BLAS sgemm_ for the fused GMM projection"
+        if kernel_mode() == "native" or why not in _warned:
+            _warned.add(why)
+            _why_not(why)
+        return False
+    return True
+
+
+def kernels_info() -> dict[str, object]:
+    """What runs on the CPU and why (``gmmrefine info``)."""
+    mode = kernel_mode()
+    lib, why_not = _load()
+    spec = importlib.util.find_spec("gmmrefine._native")
+    fused = lib is not None and _blas() is not None
+    if mode == "torch":
+        why = f"{KERNELS_ENV}=torch: the torch code runs on the CPU, as on CUDA"
+    elif lib is None:
+        why = f"{why_not}: the torch code runs"
+    elif not fused:
+        why = "compiled insertion and reconstruction; torch exports no BLAS sgemm_, so the GMM projection is torch's"
+    else:
+        why = "compiled kernels: insertion, reconstruction weights and the fused GMM projection"
+    in_use = mode != "torch" and lib is not None
+    return {"mode": mode, "library": spec.origin if spec is not None else None, "compiled_in_use": in_use,
+            "fused_projection_in_use": in_use and fused,
+            "openmp_threads": int(lib.gmm_openmp_threads()) if lib is not None and hasattr(lib, "gmm_openmp_threads")
+            else 0, "why": why}
 
 
 def projection_args(centers: torch.Tensor, rows: torch.Tensor, shift_px: torch.Tensor | None, amp: torch.Tensor,
@@ -169,7 +256,7 @@ def project_fused_forward(args: ProjectionArgs) -> torch.Tensor:
         ``(batch, P)`` complex64 (``_FusedProjection`` in project.py).
     """
     out = torch.empty(args.nb, args.np, 2)
-    if _library().gmm_project_fused_forward(_blas(), ctypes.byref(args), out.data_ptr()) != 0:
+    if _lib().gmm_project_fused_forward(_blas(), ctypes.byref(args), out.data_ptr()) != 0:
         raise MemoryError("the fused projection could not allocate its tables")
     return torch.view_as_complex(out)
 
@@ -188,7 +275,7 @@ def project_fused_backward(args: ProjectionArgs, grad: torch.Tensor) -> tuple[to
     grad = torch.view_as_real(grad.resolve_conj().contiguous()).contiguous()
     nb, n = args.nb, args.n
     outs = (torch.empty(nb, n, 3), torch.empty(nb, n), torch.empty(nb, n), torch.empty(nb, 2, 3), torch.empty(nb, 2))
-    status = _library().gmm_project_fused_backward(_blas(), ctypes.byref(args), _pointer(grad, torch.float32),
+    status = _lib().gmm_project_fused_backward(_blas(), ctypes.byref(args), _pointer(grad, torch.float32),
                                                    *(t.data_ptr() for t in outs))
     if status != 0:
         raise MemoryError("the fused projection could not allocate its tables")
@@ -199,7 +286,7 @@ def pm_fill(spectrum: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``spectrum = a * b + 0i`` for ``(Dp, Dp, Dp//2+1)`` complex64 ``spectrum`` and float32 ``a``, ``b``."""
     if a.shape != spectrum.shape or b.shape != spectrum.shape:
         raise ValueError("pm_fill: shapes differ")
-    _library().gmm_pm_fill(_pointer(spectrum, torch.complex64), _pointer(a, torch.float32),
+    _lib().gmm_pm_fill(_pointer(spectrum, torch.complex64), _pointer(a, torch.float32),
                            _pointer(b, torch.float32), spectrum.numel())
 
 
@@ -209,12 +296,12 @@ def pm_multiply_radial(spectrum: torch.Tensor, table: torch.Tensor) -> None:
     n = spectrum.shape[0]
     if table.numel() < 3 * (n // 2) ** 2 + 1:
         raise ValueError("pm_multiply_radial: the table is shorter than the largest squared radius")
-    _library().gmm_pm_multiply_radial(_pointer(spectrum, torch.complex64), _pointer(table, torch.float32), n)
+    _lib().gmm_pm_multiply_radial(_pointer(spectrum, torch.complex64), _pointer(table, torch.float32), n)
 
 
 def pm_divide(inverse: torch.Tensor, spectrum: torch.Tensor, floor: float, cap: float) -> None:
     """``inverse = min(inverse / max(|Re spectrum|, floor), cap)`` in place (float32 and complex64)."""
     if inverse.shape != spectrum.shape:
         raise ValueError("pm_divide: shapes differ")
-    _library().gmm_pm_divide(_pointer(inverse, torch.float32), _pointer(spectrum, torch.complex64),
+    _lib().gmm_pm_divide(_pointer(inverse, torch.float32), _pointer(spectrum, torch.complex64),
                              inverse.numel(), floor, cap)

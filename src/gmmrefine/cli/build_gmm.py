@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gmmrefine.devices import DEVICE_HELP, resolve_device
 from gmmrefine.errors import InputError
 
 COMMAND = "build-gmm"
@@ -39,11 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output GMM (.npz)")
     parser.add_argument("--pdb", type=Path, default=None, help="also write the GMM as pseudo-atoms (.pdb or .cif)")
     parser.add_argument("--plot", type=Path, default=None, help="FSC plot (None: <out>_fsc.png)")
-    parser.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def main(args) -> int:
-    from gmmrefine.cli.simulate import resolve_device
     from gmmrefine.fourier.fsc import shell_frequencies
     from gmmrefine.gmm.build import build_gmm
     from gmmrefine.gmm.model import GaussianMixture

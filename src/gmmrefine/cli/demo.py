@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from gmmrefine.cli.simulate import resolve_device
+from gmmrefine.devices import DEVICE_HELP, resolve_device
 from gmmrefine.errors import InputError
 from gmmrefine.io.atomic import write_json_atomic
 
@@ -28,7 +29,7 @@ DESCRIPTION = ("Simulates a small adenylate kinase data set and refines it, with
                + __doc__.split("\n\n", 1)[1].replace("\n", " ").replace("``", "").strip())
 
 DEMO_MODEL = Path(__file__).parents[1] / "data" / "adk_open.pdb"
-DEMO_SETTINGS = dict(n=1000, box=64, apix=1.8, snr=0.2, perturb_deg=4.0, perturb_A=1.0, seed=0)
+DEMO_SETTINGS: dict[str, Any] = dict(n=1000, box=64, apix=1.8, snr=0.2, perturb_deg=4.0, perturb_A=1.0, seed=0)
 DEMO_ITERATIONS = "auto"
 DEFAULT_OUT = Path("gmmrefine_demo")
 
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"output folder (default: ./{DEFAULT_OUT}, or the first free ./{DEFAULT_OUT}_N)")
     parser.add_argument("--iterations", default=DEMO_ITERATIONS,
                         help="refinement iterations, or auto: until converged (default: auto)")
-    parser.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def simulate_demo_data(out_dir: Path, device: torch.device, n: int | None = None) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gmmrefine.devices import DEVICE_HELP, resolve_device
 from gmmrefine.errors import InputError
 
 COMMAND = "hetero"
@@ -30,7 +31,7 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", type=Path, help="gmmrefine refine job folder")
-    parser.add_argument("--particles", type=Path, 
+    parser.add_argument("--particles", type=Path,
                         help="STAR/.cs with consensus poses and half split (instead of --job)")
     parser.add_argument("--gmm1", type=Path, help="neutral GMM of half 1 (.npz; with --particles)")
     parser.add_argument("--gmm2", type=Path, help="neutral GMM of half 2 (.npz; with --particles)")
@@ -55,11 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compare with phase-flipped particles (flip) or CTF-multiplied projections (full)")
     parser.add_argument("--chunk", type=int, default=20000, help="particles read from disk at a time")
     parser.add_argument("--seed", type=int, default=0, help="base seed (each half derives its own)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def _inputs(args):
-    from gmmrefine.hetero.outputs import HeteroInputs, job_inputs
+    from gmmrefine.refine.job_outputs import HeteroInputs, job_inputs
 
     direct = (args.particles, args.gmm1, args.gmm2)
     if args.job is not None:
@@ -86,10 +87,7 @@ def _validate(args):
                              field=name)
     if not args.lr > 0:
         raise InputError(f"--lr: expected a positive learning rate, got {args.lr}.", field="lr")
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, ValueError) as err:
-        raise InputError(f"--device {args.device}: not usable here ({err}).", field="device") from None
+    resolve_device(args.device)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise InputError(f"{args.out}: --out exists and is not an empty folder; choose another.",
                          path=str(args.out), field="--out")
@@ -121,15 +119,34 @@ def _validate(args):
             if float(domain_weights(g, mask, ps.apix).sum()) < 1:
                 raise InputError(f"{args.mask}: no Gaussian of half {h}'s GMM lies inside the mask (> 0.5).",
                                  path=str(args.mask), field="--mask")
-    maxres = args.maxres if args.maxres is not None else default_maxres_A(inputs.resolution_A, ps.apix)
-    if not (maxres >= 2 * ps.apix * 0.999 and args.minres > maxres):
-        raise InputError(f"--maxres/--minres: need minres > maxres >= Nyquist ({2 * ps.apix:g} A), got "
-                         f"minres {args.minres:g}, maxres {maxres:g}.", field="maxres")
+    # The default band: each half's own resolution estimate where the job recorded one (the gold-standard
+    # resolution is made from both halves, so a band taken from it would let half 2's data steer half 1).
+    half_maxres: tuple[float, float] | None = None
+    if args.maxres is not None:
+        maxres = args.maxres
+    elif inputs.half_resolution_A is not None:
+        own = inputs.half_resolution_A
+        half_maxres = (default_maxres_A(own[1], ps.apix), default_maxres_A(own[2], ps.apix))
+        maxres = max(half_maxres)
+    else:
+        maxres = default_maxres_A(inputs.resolution_A, ps.apix)
+    for value in (maxres,) if half_maxres is None else half_maxres:
+        if not (value >= 2 * ps.apix * 0.999 and args.minres > value):
+            raise InputError(f"--maxres/--minres: need minres > maxres >= Nyquist ({2 * ps.apix:g} A), got "
+                             f"minres {args.minres:g}, maxres {value:g}.", field="maxres")
     settings = HeteroSettings(latent_dim=args.latent_dim, epochs=args.epochs, coarse_epochs=args.coarse_epochs,
                               batch=args.batch, lr=args.lr, n_coarse=args.n_coarse,
-                              encoder_input=args.encoder_input, minres_A=args.minres, maxres_A=maxres, ctf=args.ctf,
+                              encoder_input=args.encoder_input, minres_A=args.minres, maxres_A=maxres,
+                              half_maxres_A=half_maxres, ctf=args.ctf,
                               chunk=args.chunk, seed=args.seed, device=args.device)
     return inputs, ps, gmms, settings, mask
+
+
+def _band_text(settings) -> str:
+    if settings.half_maxres_A is None:
+        return f"{settings.minres_A:g}-{settings.maxres_A:g} A"
+    return (f"{settings.minres_A:g}-{settings.half_maxres_A[0]:g} A (half 1), "
+            f"{settings.minres_A:g}-{settings.half_maxres_A[1]:g} A (half 2), each from its own resolution")
 
 
 def main(args) -> int:
@@ -149,7 +166,7 @@ def main(args) -> int:
     job = Job(args.out, params) if ctx.is_main else None
     start = time.perf_counter()
     if job is not None:
-        job.log(f"{len(ps)} particles from {inputs.particles}; band {settings.minres_A:g}-{settings.maxres_A:g} A; "
+        job.log(f"{len(ps)} particles from {inputs.particles}; band {_band_text(settings)}; "
                 f"GMMs of {gmms[1].n} / {gmms[2].n} Gaussians")
     # Several processes: the halves are independent (own particles, GMM, networks and seed), so rank r
     # trains the halves h with (h - 1) % K == r, each exactly as one process would; rank 0 writes.
@@ -160,6 +177,7 @@ def main(args) -> int:
         if not ctx.is_main:
             return 0
         results = dict(sorted(results.items()))
+    assert job is not None  # rank 0 (the only one left here) made the job
     summary = write_outputs(job.path, ps, results, settings, inputs)
     for h, v in summary["halves"].items():
         job.log(f"half {h}: FRC {v['frc_neutral']:.4f} -> {v['frc_final']:.4f}, PC1 "

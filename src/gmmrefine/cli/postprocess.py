@@ -116,7 +116,7 @@ def read_cubic_map(path: Path, what: str) -> tuple[np.ndarray, float]:
         data, apix = read_map(path)
     except InputError:
         raise
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
+    except Exception as err:
         raise InputError(f"{what} {path}: not a readable MRC map ({err}).", path=str(path), field=what) from None
     require_cubic(data, path)
     if not np.isfinite(data).all():

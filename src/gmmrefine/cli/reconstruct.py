@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gmmrefine.devices import DEVICE_HELP, resolve_device
 from gmmrefine.errors import InputError
 
 COMMAND = "reconstruct"
@@ -33,12 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--half", choices=("1", "2", "both"), default="both", help="which half sets to reconstruct")
     parser.add_argument("--pad", type=int, default=2, help="Fourier oversampling factor (1 to 4)")
     parser.add_argument("--chunk", type=int, default=128, help="particles read from disk at a time (memory only)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
 
 
 def _validate(args):
-    import torch
 
     from gmmrefine.io.particles import read_particles
     from gmmrefine.reconstruct.invert import _check_poses, symmetry_matrices
@@ -47,10 +47,7 @@ def _validate(args):
         raise InputError(f"--pad: expected 1 to 4, got {args.pad}.", field="pad")
     if args.chunk < 1:
         raise InputError(f"--chunk: expected at least 1, got {args.chunk}.", field="chunk")
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, ValueError) as err:
-        raise InputError(f"--device {args.device}: not usable here ({err}).", field="device") from None
+    resolve_device(args.device)
     ps = read_particles(args.particles, require_ctf=args.ctf != "none")
     if len(ps) == 0:
         raise InputError(f"{args.particles}: the particle set is empty; nothing to reconstruct.",
@@ -71,9 +68,8 @@ def main(args) -> int:
     from gmmrefine.fourier.fsc import fourier_shell_correlation, resolution_at
     from gmmrefine.io.atomic import write_json_atomic
     from gmmrefine.io.mrc import write_map
-    from gmmrefine.reconstruct.invert import accumulate_halves, reconstruct_maps_low_memory, symmetry_matrices
-
     from gmmrefine.pipeline.job import check_output_folder
+    from gmmrefine.reconstruct.invert import accumulate_halves, reconstruct_maps_low_memory, symmetry_matrices
 
     ctx = distributed.init(args.device)
     distributed.on_main(check_out_dir, args.out, args.force)  # before reading any particle

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gmmrefine.devices import DEVICE_HELP, resolve_device
 from gmmrefine.errors import InputError
 from gmmrefine.refine.poses import DEFAULT_PRIOR_A, DEFAULT_PRIOR_DEG, OBJECTIVES, OPTIMISERS
 
@@ -73,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-maps", action="store_true",
                         help="write every iteration's half maps at the particles' box (default: on the grid the "
                              "iteration works on, cropped to its band; final/ is always full size)")
-    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=0, help="random seed (GMM seeding)")
     parser.add_argument("--project-dir", type=Path, default=None, help="cryoSPARC project folder (.cs input)")
     parser.add_argument("--continue", dest="resume", action="store_true",
@@ -101,8 +102,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="patches refined at a time, in parallel processes (results identical to --jobs 1)")
 
 
+def _auto_or_int(text: object, bad: int) -> str | int:
+    """``"auto"``, the integer ``text`` spells, or ``bad`` when it spells neither."""
+    word = str(text).strip().lower()
+    if word == "auto":
+        return word
+    try:
+        return int(word)
+    except ValueError:
+        return bad
+
+
 def _params(args) -> dict:
-    res = str(args.resolution_start).strip().lower()
+    res: str | float = str(args.resolution_start).strip().lower()
     if res != "auto":
         try:
             value = float(res)
@@ -113,14 +125,9 @@ def _params(args) -> dict:
             raise InputError(f"--resolution-start: expected a positive resolution in A, got {value}.",
                              field="--resolution-start")
         res = value
-    batch = str(args.batch).strip().lower()
-    if batch != "auto":
-        try:
-            batch = int(batch)
-        except ValueError:
-            batch = 0
-        if batch < 1:
-            raise InputError(f"--batch: expected 'auto' or an integer >= 1, got {args.batch!r}.", field="--batch")
+    batch = _auto_or_int(args.batch, 0)
+    if isinstance(batch, int) and batch < 1:
+        raise InputError(f"--batch: expected 'auto' or an integer >= 1, got {args.batch!r}.", field="--batch")
     from gmmrefine.geometry.symmetry import symmetry_operators
 
     symmetry_operators(str(args.sym))  # InputError naming the group for a bad --sym
@@ -140,15 +147,10 @@ def _params(args) -> dict:
         raise InputError("--add-patch works in C1 without --focus-mask (the added patch is itself a focused "
                          "refinement, in the hetero job's mask).", field="--add-patch")
     patch_work = args.from_job is not None and (args.patches is not None or args.add_patch is not None)
-    iterations = str(args.iterations if args.iterations is not None else (0 if patch_work else "auto")).strip().lower()
-    if iterations != "auto":
-        try:
-            iterations = int(iterations)
-        except ValueError:
-            iterations = -1
+    iterations = _auto_or_int(args.iterations if args.iterations is not None else (0 if patch_work else "auto"), -1)
     min_iterations = 0 if patch_work else 1
     objective = args.objective or ("snr" if args.optimiser == "newton" else "frc")
-    checks = [("--iterations", iterations == "auto" or iterations >= min_iterations,
+    checks = [("--iterations", not isinstance(iterations, int) or iterations >= min_iterations,
                "auto or an integer >= 1 (0 only with --from-job and --patches or --add-patch)"),
               ("--max-iterations", args.max_iterations >= 1, "an integer >= 1"),
               ("--objective", args.optimiser == "paper" or objective == "snr",
@@ -173,7 +175,8 @@ def _params(args) -> dict:
         "resolution_start": res, "minres": float(args.minres), "batch": batch, "chunk": int(args.chunk),
         "optimiser": args.optimiser, "objective": objective,
         "steps": None if args.steps is None else int(args.steps), "prior_deg": float(args.prior_deg),
-        "prior_A": float(args.prior_A), "lr": float(args.lr), "full_maps": bool(args.full_maps), "ctf": args.ctf, "reconstruct_ctf": "wiener", "rotation_unit_rad": 2.0,
+        "prior_A": float(args.prior_A), "lr": float(args.lr), "full_maps": bool(args.full_maps), "ctf": args.ctf,
+        "reconstruct_ctf": "wiener", "rotation_unit_rad": 2.0,
         "translation_unit_px": None, "gmm_steps": int(args.gmm_steps), "device": str(args.device), "seed": int(args.seed),
         "project_dir": None if args.project_dir is None else str(Path(args.project_dir).resolve()),
         "from_job": None if from_job is None else str(from_job),
@@ -182,16 +185,6 @@ def _params(args) -> dict:
         "sym": str(args.sym).strip().upper(), "jobs": int(args.jobs),
         "add_patch": None if args.add_patch is None else str(Path(args.add_patch).resolve()),
     }
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-        torch.zeros(1, device=dev)
-    except (RuntimeError, AssertionError) as err:
-        raise InputError(f"--device: {device!r} is not usable here ({err}).", field="--device") from None
 
 
 def finish(job, ps, histories: list[dict]) -> dict:
@@ -316,7 +309,7 @@ def _focus_outputs(job, mask, symmetry: str, apix: float, k: int) -> None:
         seed = job.seed_for("final/focus")
         maps = {name: [torch.as_tensor(read_map(d / f"half{h}.mrc")[0]) for h in (1, 2)]
                 for name, d in (("start", start_dir), ("final", last_dir))}
-        info = {name: masked_resolution(*m, mask, apix, seed=seed) for name, m in maps.items()}
+        info = {name: masked_resolution(m[0], m[1], mask, apix, seed=seed) for name, m in maps.items()}
         write_json_atomic(final / "focus_fsc.json", info)
         job.mark_done("final/focus", resolution_A=info["final"]["resolution_A"])
         job.log(f"focus mask: masked resolution {info['start']['resolution_A']:.2f} -> "
@@ -347,11 +340,10 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
     from gmmrefine import distributed
     from gmmrefine.geometry.symmetry import symmetry_operators
     from gmmrefine.io.particles import read_particles
-
     from gmmrefine.pipeline.job import check_output_folder, finished
 
     ctx = distributed.init(params["device"])
-    _check_device(ctx.device)
+    resolve_device(ctx.device)
     out = Path(params["out"])
     done = finished(out) if resume else None
     if done is not None:
@@ -366,7 +358,7 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
     gmm_dir = None
     if from_job is not None:
         _finished_job(from_job)
-        from gmmrefine.hetero.outputs import job_inputs
+        from gmmrefine.refine.job_outputs import job_inputs
 
         gmm_dir = Path(job_inputs(from_job).gmms[1]).parent
     ps = read_particles(params["particles"], project_dir=params["project_dir"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gmmrefine.devices import DEVICE_HELP, resolve_device
 from gmmrefine.errors import InputError
 from gmmrefine.simulate.density import DEFAULT_BFACTOR_A2, center_of_mass, heavy_atom_groups, max_radius_A
 from gmmrefine.simulate.motion import domain_pivot, hinge, hinge_rotations, random_unit_vectors, superpose
@@ -66,10 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perturb-A", type=float, default=0.0,
                         help="... and every origin moved by this distance in A")
     parser.add_argument("--chunk", type=int, default=1000, help="particles rendered per chunk")
-    parser.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
-def _check(condition: bool, message: str, field: str) -> None:
+def _check(condition: object, message: str, field: str) -> None:
     if not condition:
         raise InputError(message, field=field)
 
@@ -157,10 +158,9 @@ def build_source(args) -> tuple[AtomicSource | MapSource, int, float]:
     center = center_of_mass(coords, elements)
     from gmmrefine.geometry.symmetry import symmetry_operators
 
-    operators = symmetry_operators(str(args.sym)).numpy()
-    if len(operators) == 1:
-        operators = None
-    else:
+    group = symmetry_operators(str(args.sym)).numpy()
+    operators = None if len(group) == 1 else group
+    if operators is not None:
         # The model is one asymmetric unit: its centre of mass sits at +offset along x from the
         # symmetry centre, which goes to the box centre.
         offset = args.sym_offset_A if args.sym_offset_A is not None else max_radius_A(coords, center, elements)
@@ -202,20 +202,6 @@ def build_source(args) -> tuple[AtomicSource | MapSource, int, float]:
     return source, box, apix
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``--device``: the named torch device, or CUDA when present, else CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device: expected a torch device such as cpu or cuda, got {name!r}.",
-                         field="device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device: {name} was asked for but CUDA is not available here.", field="device")
-    return device
-
-
 def main(args) -> int:
     from gmmrefine.pipeline.job import check_output_folder
 
@@ -232,7 +218,7 @@ def main(args) -> int:
     if isinstance(source, AtomicSource):
         # The frame of the truth columns: model coordinates minus model_center_A sit at the box centre.
         settings["model_center_A"] = source.center_A.tolist()
-        if source.domain_mask is not None:
+        if source.domain_mask is not None and source.pivot_A is not None and source.hinge_axis is not None:
             settings["hinge_pivot_A"] = source.pivot_A.tolist()
             settings["hinge_axis_unit"] = source.hinge_axis.tolist()
             settings["hinge_atoms"] = int(source.domain_mask.sum())

@@ -15,16 +15,33 @@ Follows ``relion_postprocess`` (RELION 3.1):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 
-from gmmrefine.fourier.filters import (apply_bfactor, apply_shell_weights, fsc_weights, low_pass,
-                                       radial_amplitude, randomise_phases)
+from gmmrefine.fourier.filters import (
+    apply_bfactor,
+    apply_shell_weights,
+    fsc_weights,
+    low_pass,
+    radial_amplitude,
+    randomise_phases,
+)
 from gmmrefine.fourier.fsc import fourier_shell_correlation, resolution_at, shell_frequencies
 
 # relion_postprocess defaults.
 RANDOMISE_AT_FSC = 0.8
 CORRECTION_OFFSET_SHELLS = 2
+
+
+class CorrectedFSC(TypedDict):
+    """What :func:`corrected_fsc` returns: four ``(D // 2 + 1,)`` float64 curves and the first randomised shell."""
+
+    unmasked: torch.Tensor
+    masked: torch.Tensor
+    randomised: torch.Tensor
+    corrected: torch.Tensor
+    randomise_from_shell: int
 
 
 def masked_fsc(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -45,7 +62,7 @@ def corrected_fsc(
     *,
     randomise_from_shell: int | None = None,
     generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor | int]:
+) -> CorrectedFSC:
     """Masked FSC corrected for the mask by phase randomisation (Chen et al. 2013).
 
     Args:
@@ -174,8 +191,10 @@ def postprocess(
     box = half1.shape[-1]
     gen = torch.Generator().manual_seed(seed)
     if mask is not None:
-        curves = corrected_fsc(half1, half2, mask, generator=gen)
-        start = int(curves.pop("randomise_from_shell"))
+        fsc = corrected_fsc(half1, half2, mask, generator=gen)
+        start = int(fsc["randomise_from_shell"])
+        curves = {"unmasked": fsc["unmasked"], "masked": fsc["masked"], "randomised": fsc["randomised"],
+                  "corrected": fsc["corrected"]}
         final = curves["corrected"]
     else:
         curves = {"unmasked": fourier_shell_correlation(half1, half2)}

@@ -84,6 +84,7 @@ def sample_spectrum_3d(spectrum_3d: torch.Tensor, freq_3d: torch.Tensor) -> torc
             w = wz * wy
             term = (w * (1 - fx)) * flat_spec[row] + (w * fx) * flat_spec[row + 1]
             acc = term if acc is None else acc + term
+    assert acc is not None  # the loops run four times
     return torch.where(flip, acc.conj(), acc)
 
 

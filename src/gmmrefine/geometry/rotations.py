@@ -12,67 +12,17 @@ Convention (measured with ``relion_project``, see ``tests/test_conventions_relio
 Inside optimisers a rotation is ``axis_angle_to_matrix(v) @ A0``: a small update ``v`` (radians,
 in the projection frame, so ``v[2]`` is an in-plane rotation) applied to the input rotation ``A0``.
 Raw Euler angles are never optimised: they are singular at tilt 0 and 180.
+
+The Euler-angle conversions live in :mod:`gmmrefine.io.conventions` (the readers need them) and are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-
-def _rot_z(a: torch.Tensor) -> torch.Tensor:
-    c, s = torch.cos(a), torch.sin(a)
-    o, z = torch.ones_like(a), torch.zeros_like(a)
-    return torch.stack([c, -s, z, s, c, z, z, z, o], dim=-1).reshape(*a.shape, 3, 3)
-
-
-def _rot_y(a: torch.Tensor) -> torch.Tensor:
-    c, s = torch.cos(a), torch.sin(a)
-    o, z = torch.ones_like(a), torch.zeros_like(a)
-    return torch.stack([c, z, s, z, o, z, -s, z, c], dim=-1).reshape(*a.shape, 3, 3)
-
-
-def euler_to_matrix(angles_deg: torch.Tensor) -> torch.Tensor:
-    """RELION ZYZ Euler angles to RELION's rotation matrix ``A``.
-
-    Args:
-        angles_deg: ``(..., 3)`` rot, tilt, psi in degrees.
-
-    Returns:
-        ``(..., 3, 3)`` matrices, ``A = Rz(psi)^T-free form = (Rz(rot) Ry(tilt) Rz(psi))^T``.
-    """
-    a = torch.deg2rad(torch.as_tensor(angles_deg))
-    rot, tilt, psi = a[..., 0], a[..., 1], a[..., 2]
-    active = _rot_z(rot) @ _rot_y(tilt) @ _rot_z(psi)
-    return active.transpose(-1, -2)
-
-
-def matrix_to_euler(matrix: torch.Tensor) -> torch.Tensor:
-    """RELION's rotation matrix ``A`` to ZYZ Euler angles (rot, tilt, psi) in degrees.
-
-    Tilt is in [0, 180]; rot and psi in (-180, 180]. At tilt 0 or 180 (gimbal lock) psi is set to 0
-    and the whole in-plane angle goes to rot, as RELION's ``Euler_matrix2angles`` does.
-
-    Args:
-        matrix: ``(..., 3, 3)``.
-
-    Returns:
-        ``(..., 3)`` degrees.
-    """
-    m = torch.as_tensor(matrix).transpose(-1, -2)  # active R = Rz(rot) Ry(tilt) Rz(psi)
-    cos_tilt = m[..., 2, 2].clamp(-1.0, 1.0)
-    tilt = torch.acos(cos_tilt)
-    sin_tilt = torch.sqrt((m[..., 0, 2] ** 2 + m[..., 1, 2] ** 2))
-    regular = sin_tilt > 1e-6
-    rot = torch.atan2(m[..., 1, 2], m[..., 0, 2])
-    psi = torch.atan2(m[..., 2, 1], -m[..., 2, 0])
-    # Gimbal lock: R = Rz(rot + psi) (tilt 0) or Rz(rot - psi) Ry(pi) (tilt 180); put it all in rot.
-    rot_lock = torch.atan2(m[..., 1, 0], m[..., 0, 0])
-    rot_lock = torch.where(cos_tilt > 0, rot_lock, torch.atan2(-m[..., 1, 0], -m[..., 0, 0]))
-    rot = torch.where(regular, rot, rot_lock)
-    psi = torch.where(regular, psi, torch.zeros_like(psi))
-    return torch.rad2deg(torch.stack([rot, tilt, psi], dim=-1))
+from gmmrefine.io.conventions import euler_to_matrix as euler_to_matrix
+from gmmrefine.io.conventions import matrix_to_euler as matrix_to_euler
 
 
 def axis_angle_to_matrix(v: torch.Tensor) -> torch.Tensor:
@@ -127,8 +77,12 @@ def rotation_angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ``(...)`` angles in [0, 180].
     """
     rel = a @ b.transpose(-1, -2)
-    cos = ((rel[..., 0, 0] + rel[..., 1, 1] + rel[..., 2, 2] - 1) / 2).clamp(-1.0, 1.0)
-    return torch.rad2deg(torch.acos(cos))
+    # atan2 of the antisymmetric and the symmetric part rather than acos of the trace: acos cannot
+    # resolve small angles (float32: nothing below ~0.03 degree), and equal matrices give exactly 0.
+    cos = (rel[..., 0, 0] + rel[..., 1, 1] + rel[..., 2, 2] - 1) / 2
+    skew = torch.stack([rel[..., 2, 1] - rel[..., 1, 2], rel[..., 0, 2] - rel[..., 2, 0],
+                        rel[..., 1, 0] - rel[..., 0, 1]], dim=-1)
+    return torch.rad2deg(torch.atan2(torch.linalg.vector_norm(skew, dim=-1) / 2, cos))
 
 
 def project_points(coords_A: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -177,6 +131,3 @@ def random_rotations(n: int, generator: torch.Generator | None = None, dtype=tor
         2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
     ], -1)
     return m.reshape(n, 3, 3)
-
-
-DEG = math.pi / 180.0

@@ -8,6 +8,18 @@ from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import FourierBand, fourier_band, project_band, project_gmm
 from gmmrefine.gmm.render import render_image, render_map
 
-__all__ = ["GaussianMixture", "FourierBand", "fourier_band", "project_gmm", "project_band", "frc_loss",
-           "render_map", "render_image", "build_gmm", "estimate_n", "map_gmm_fsc", "width_mask",
-           "kmeans_patches"]
+__all__ = [
+           "FourierBand",
+           "GaussianMixture",
+           "build_gmm",
+           "estimate_n",
+           "fourier_band",
+           "frc_loss",
+           "kmeans_patches",
+           "map_gmm_fsc",
+           "project_band",
+           "project_gmm",
+           "render_image",
+           "render_map",
+           "width_mask",
+]

@@ -340,7 +340,8 @@ def build_gmm(volume, apix: float, resolution_A: float, *, n: int | None = None,
                           torch.exp(log_s).detach().clamp_min(s_min))
     fit_seconds = time.perf_counter() - t0
     fsc = map_gmm_fsc(gmm, vol, apix)
-    info = dict(n=gmm.n, seeding=seeding, mean_nn_A=mean_nearest_neighbour_A(gmm.centers_A.cpu().double().numpy()), fit_seconds=fit_seconds, loss=loss_value, steps=steps,
+    info = dict(n=gmm.n, seeding=seeding, mean_nn_A=mean_nearest_neighbour_A(gmm.centers_A.cpu().double().numpy()),
+                fit_seconds=fit_seconds, loss=loss_value, steps=steps,
                 fsc=[float(x) for x in fsc], resolution_fsc09_A=resolution_at(fsc, box, apix, 0.9))
     return gmm, info
 

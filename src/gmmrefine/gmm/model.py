@@ -68,12 +68,12 @@ class GaussianMixture:
     def device(self) -> torch.device:
         return self.centers_A.device
 
-    def to(self, device=None, dtype=None) -> "GaussianMixture":
+    def to(self, device=None, dtype=None) -> GaussianMixture:
         return GaussianMixture(self.centers_A.to(device=device, dtype=dtype),
                                self.amplitudes.to(device=device, dtype=dtype),
                                self.widths_A.to(device=device, dtype=dtype))
 
-    def detach(self) -> "GaussianMixture":
+    def detach(self) -> GaussianMixture:
         return GaussianMixture(self.centers_A.detach().clone(), self.amplitudes.detach().clone(),
                                self.widths_A.detach().clone())
 
@@ -87,7 +87,7 @@ class GaussianMixture:
                 np.savez(fh, **arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device=None) -> "GaussianMixture":
+    def load(cls, path: str | os.PathLike, device=None) -> GaussianMixture:
         """Read a GMM written by :meth:`save`."""
         path = Path(path)
         try:
@@ -118,7 +118,7 @@ class GaussianMixture:
         structure = gemmi.Structure()
         structure.name = "GMM"
         structure.cell = gemmi.UnitCell(1, 1, 1, 90, 90, 90)
-        model = gemmi.Model("1")
+        model = gemmi.Model("1")  # type: ignore[arg-type]  # gemmi < 0.7 takes a name; 0.7 converts "1"
         per_chain = 9999  # PDB residue numbers have four digits
         letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
         for start in range(0, len(a), per_chain):
@@ -177,8 +177,3 @@ def _origin(box: int | None, apix: float | None) -> tuple[float, float, float]:
         return (0.0, 0.0, 0.0)
     o = (box // 2) * float(apix)
     return (o, o, o)
-
-
-def density_scale(widths_A: torch.Tensor, apix: float) -> torch.Tensor:
-    """Integrated mass of a unit-peak Gaussian in voxel units: ``(2 pi)^{3/2} s^3 / apix^3``."""
-    return (2 * math.pi) ** 1.5 * (widths_A / apix) ** 3

@@ -139,7 +139,7 @@ class FourierBand:
         out[..., mirror] = values[..., col0].conj() if values.is_complex() else values[..., col0]
         return out.reshape(*lead, d, d // 2 + 1)
 
-    def to(self, device) -> "FourierBand":
+    def to(self, device) -> FourierBand:
         return FourierBand(self.box, self.apix, self.minres_A, self.maxres_A, self.ny.to(device),
                            self.nx.to(device), self.pixel_index.to(device), self.ring_index.to(device),
                            self.shell.to(device), self.k_max)

@@ -6,5 +6,15 @@ heterogeneity job (:mod:`~gmmrefine.hetero.outputs`) and conformation to domain 
 from gmmrefine.hetero.networks import Decoder, Encoder, build_decoder, half_seed, pca, pretrain_decoder
 from gmmrefine.hetero.train import HalfResult, HeteroSettings, latent_table, train_halves
 
-__all__ = ["Encoder", "Decoder", "build_decoder", "pretrain_decoder", "half_seed", "pca", "HeteroSettings",
-           "HalfResult", "train_halves", "latent_table"]
+__all__ = [
+           "Decoder",
+           "Encoder",
+           "HalfResult",
+           "HeteroSettings",
+           "build_decoder",
+           "half_seed",
+           "latent_table",
+           "pca",
+           "pretrain_decoder",
+           "train_halves",
+]

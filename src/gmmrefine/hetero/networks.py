@@ -73,6 +73,9 @@ class Encoder(nn.Module):
         generator: source of the initial weights.
     """
 
+    feature_mean: torch.Tensor  # buffers
+    feature_scale: torch.Tensor
+
     def __init__(self, n_features: int, latent_dim: int, hidden: tuple[int, ...], generator: torch.Generator):
         super().__init__()
         self.net = _mlp([n_features, *hidden, latent_dim], generator)
@@ -142,6 +145,11 @@ class Decoder(nn.Module):
         coarse_scale_A, fine_scale_A: displacement units of the two heads.
         amplitude_scale: unit of the log-amplitude change.
     """
+
+    centers_A: torch.Tensor  # buffers
+    amplitudes: torch.Tensor
+    widths_A: torch.Tensor
+    blend: torch.Tensor
 
     def __init__(self, neutral: GaussianMixture, latent_dim: int, blend: torch.Tensor, hidden: tuple[int, ...],
                  generator: torch.Generator, coarse_scale_A: float = 5.0, fine_scale_A: float = 1.0,

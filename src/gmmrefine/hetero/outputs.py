@@ -1,84 +1,25 @@
-"""Inputs and outputs of ``gmmrefine hetero``: where a refinement job keeps its particles and GMMs,
-and the files a heterogeneity job writes (latents, STAR columns, plots, GMMs and maps along the
-principal directions, the trained networks, a report page)."""
+"""Inputs and outputs of ``gmmrefine hetero``: the files a heterogeneity job writes (latents, STAR
+columns, plots, GMMs and maps along the principal directions, the trained networks, a report page).
+Where a refinement job keeps its particles and GMMs: :mod:`gmmrefine.refine.job_outputs`."""
 
 from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gmmrefine.errors import InputError
 from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.hetero.networks import Decoder, Encoder, pca
 from gmmrefine.hetero.train import HalfResult, HeteroSettings
 from gmmrefine.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from gmmrefine.refine.job_outputs import HeteroInputs
 
 LATENT_COLUMN = "gmmLatent{k}"          # 1-based
 PC1_COLUMN = "gmmLatentPC1"             # PC1 score within the particle's own half
 TRAJECTORY_SD = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
-
-
-@dataclass
-class HeteroInputs:
-    """What a heterogeneity run starts from.
-
-    Attributes:
-        particles: STAR/.cs file with the consensus poses and the half split.
-        gmms: ``{half: path}`` of each half's consensus GMM (``.npz``).
-        resolution_A: the consensus resolution when known (a job's ``final/summary.json``), else None.
-    """
-
-    particles: Path
-    gmms: dict[int, Path]
-    resolution_A: float | None = None
-
-
-def _last_iteration_with(job: Path, names: tuple[str, ...]) -> Path | None:
-    dirs = sorted((p for p in job.glob("it[0-9][0-9][0-9]") if all((p / n).is_file() for n in names)),
-                  key=lambda p: int(p.name[2:]))
-    return dirs[-1] if dirs else None
-
-
-def _json_number(path: Path, key: str) -> float | None:
-    try:
-        return float(json.loads(path.read_text())[key])
-    except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError):
-        return None
-
-
-def job_inputs(job: str | Path) -> HeteroInputs:
-    """Particles and GMMs of a ``gmmrefine refine`` job folder.
-
-    Particles: ``JOB/final/particles.star`` (else the last ``itNNN/particles.star``). GMMs: the
-    ``gmm_half1.npz`` / ``gmm_half2.npz`` of the last iteration that has both (the references the
-    final poses were refined against). Resolution: ``final/summary.json`` ``resolution_final_A`` (else
-    the last ``itNNN/fsc.json`` ``resolution_A``).
-    """
-    job = Path(job)
-    if not job.is_dir():
-        raise InputError(f"{job}: --job must be a gmmrefine refine job folder; it does not exist.",
-                         path=str(job), field="--job")
-    particles = job / "final" / "particles.star"
-    if not particles.is_file():
-        it = _last_iteration_with(job, ("particles.star",))
-        if it is None:
-            raise InputError(f"{job}: no final/particles.star nor itNNN/particles.star; is it a finished "
-                             "gmmrefine refine job?", path=str(job), field="--job")
-        particles = it / "particles.star"
-    it = _last_iteration_with(job, ("gmm_half1.npz", "gmm_half2.npz"))
-    if it is None:
-        raise InputError(f"{job}: no itNNN/gmm_half1.npz and gmm_half2.npz (the halves' GMMs); pass "
-                         "--gmm1/--gmm2.", path=str(job), field="--job")
-    resolution = _json_number(job / "final" / "summary.json", "resolution_final_A")
-    if resolution is None:
-        last = _last_iteration_with(job, ("fsc.json",))
-        resolution = None if last is None else _json_number(last / "fsc.json", "resolution_A")
-    return HeteroInputs(particles, {1: it / "gmm_half1.npz", 2: it / "gmm_half2.npz"}, resolution)
 
 
 def default_maxres_A(resolution_A: float | None, apix: float) -> float:
@@ -111,6 +52,7 @@ def write_multimodel_pdb(gmms: list[GaussianMixture], path: Path, *, box: int, a
             structure = one
             del structure[0]
         structure.add_model(model)
+    assert structure is not None, "write_multimodel_pdb needs at least one GMM"
     with atomic_path(path) as tmp:
         structure.write_pdb(str(tmp))
 
@@ -274,11 +216,13 @@ def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: Heter
     counts = ", ".join(f"half {h}: {v['n_particles']}" for h, v in per_half.items())
     table_rows = {"particles": f"{len(ps)} ({counts})",
                   "latent dimension": settings.latent_dim, "epochs": settings.epochs,
-                  "FRC band": f"{settings.minres_A:g} - {settings.maxres_A:g} A",
+                  "FRC band": f"{settings.minres_A:g} - {settings.maxres_A:g} A" if settings.half_maxres_A is None
+                  else (f"half 1: {settings.minres_A:g} - {settings.half_maxres_A[0]:g} A; "
+                        f"half 2: {settings.minres_A:g} - {settings.half_maxres_A[1]:g} A"),
                   "encoder input": settings.encoder_input}
-    for h, v in per_half.items():
-        table_rows[f"half {h}: mean FRC neutral -> decoded"] = f"{v['frc_neutral']:.4f} -> {v['frc_final']:.4f}"
-        table_rows[f"half {h}: PC1 variance / RMS motion at 2 sd"] = (
+    for half_key, v in per_half.items():
+        table_rows[f"half {half_key}: mean FRC neutral -> decoded"] = f"{v['frc_neutral']:.4f} -> {v['frc_final']:.4f}"
+        table_rows[f"half {half_key}: PC1 variance / RMS motion at 2 sd"] = (
             f"{100 * v['explained_variance_fraction'][0]:.0f} % / {v['pc1_rms_motion_A_at_2sd']:.2f} A")
     write_report(out, {"table": table_rows, "n_coarse": settings.n_coarse})
     return summary
@@ -298,13 +242,13 @@ def write_domain_outputs(out: Path, ps, results: dict[int, HalfResult], settings
 
     angles = np.array(ps.angles_deg, dtype=np.float64)
     shifts = np.array(ps.shift_A, dtype=np.float64)
-    band = hetero_band(ps, settings)
     info = {}
     for h, r in sorted(results.items()):
+        band = hetero_band(ps, settings.for_half(h))
         dec = r.decoder
         neutral = GaussianMixture(dec.centers_A, dec.amplitudes, dec.widths_A)
         domain = domain_weights(neutral, mask, ps.apix)
-        stream = HalfStream(ps, r.indices, ps.angles_deg, ps.shift_A, band, settings, neutral)
+        stream = HalfStream(ps, r.indices, ps.angles_deg, ps.shift_A, band, settings.for_half(h), neutral)
         a, s, ratio = domain_poses(stream, r.encoder, dec, domain)
         angles[r.indices] = a.numpy()
         shifts[r.indices] = s.numpy()

@@ -43,7 +43,8 @@ growing with the square of the box over the resolution): it is the default.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -78,6 +79,9 @@ class HeteroSettings:
         encoder_hidden, decoder_hidden: widths of the hidden layers.
         encoder_input: ``"gradient"`` or ``"image"`` (see the module docstring).
         minres_A, maxres_A: FRC band (angstrom).
+        half_maxres_A: ``(half 1, half 2)`` high-resolution end of each half's band, replacing
+            ``maxres_A`` per half (each from that half's own resolution: no half's band depends on the
+            other half's data); None: ``maxres_A`` for both.
         ctf: ``"flip"`` (phase-flipped particles, the paper's) or ``"full"`` (projections times CTF).
         coarse_scale_A, fine_scale_A: displacement units of the decoder heads.
         pretrain_steps: decoder pre-training steps.
@@ -102,6 +106,7 @@ class HeteroSettings:
     encoder_input: str = "gradient"
     minres_A: float = 100.0
     maxres_A: float = 8.0
+    half_maxres_A: tuple[float, float] | None = None
     ctf: str = "flip"
     coarse_scale_A: float = 5.0
     fine_scale_A: float = 1.0
@@ -111,6 +116,12 @@ class HeteroSettings:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+
+    def for_half(self, half: int) -> HeteroSettings:
+        """The settings half ``half`` trains with (its own band end where ``half_maxres_A`` is set)."""
+        if self.half_maxres_A is None:
+            return self
+        return replace(self, maxres_A=float(self.half_maxres_A[half - 1]), half_maxres_A=None)
 
     def __post_init__(self) -> None:
         if self.encoder_input not in ENCODER_INPUTS:
@@ -300,6 +311,7 @@ def chunk_features(chunk: _Chunk, neutral: GaussianMixture | None, band: Fourier
     for s in range(0, chunk.rows.shape[0], step):
         sl = slice(s, s + step)
         if settings.encoder_input == "gradient":
+            assert neutral is not None  # the gradient input needs the neutral GMM
             f, frc = frc_gradient_features(neutral, chunk, sl, band)
         else:
             f = image_features(chunk, sl)
@@ -309,7 +321,8 @@ def chunk_features(chunk: _Chunk, neutral: GaussianMixture | None, band: Fourier
                     frc = decoded_frc(neutral.centers_A, neutral.amplitudes, neutral.widths_A, chunk, sl, band)
         feats.append(f)
         frcs.append(frc)
-    return torch.cat(feats), (None if frcs[0] is None else torch.cat(frcs))
+    # frcs is all None (no neutral GMM) or all tensors
+    return torch.cat(feats), (None if frcs[0] is None else torch.cat(cast(list[torch.Tensor], frcs)))
 
 
 def compute_features(stream: HalfStream) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,7 +346,8 @@ def feature_statistics(stream: HalfStream) -> tuple[torch.Tensor, torch.Tensor, 
     Returns:
         ``(mean (F,), std (F,), frc_neutral (n,))`` on the CPU, float32.
     """
-    total = sq = None
+    total: torch.Tensor | None = None
+    sq: torch.Tensor | None = None
     count = 0
     frc0 = torch.zeros(len(stream))
     for c in stream.chunks():
@@ -342,6 +356,7 @@ def feature_statistics(stream: HalfStream) -> tuple[torch.Tensor, torch.Tensor, 
         sq = (f * f).sum(0) if sq is None else sq + (f * f).sum(0)
         count += f.shape[0]
         frc0[c.rows.cpu()] = c.frc_neutral.cpu()
+    assert total is not None and sq is not None  # the half has particles
     mean = total / count
     var = (sq - count * mean * mean).clamp_min(0.0) / max(count - 1, 1)
     std = var.sqrt() if count > 1 else torch.ones_like(mean)
@@ -355,7 +370,7 @@ def feature_statistics(stream: HalfStream) -> tuple[torch.Tensor, torch.Tensor, 
 def _latents(encoder: Encoder, decoder: Decoder, stream: HalfStream, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(latents (n, L), frc (n,))`` of every particle with the current networks."""
     n = len(stream)
-    z_all = torch.zeros(n, encoder.net[-1].out_features, device=stream.device)
+    z_all = torch.zeros(n, cast(torch.nn.Linear, encoder.net[-1]).out_features, device=stream.device)
     frc_all = torch.zeros(n, device=stream.device)
     with torch.no_grad():
         for c in stream.chunks():
@@ -399,8 +414,10 @@ def train_half(stream: HalfStream, settings: HeteroSettings, *, half: int, seed:
     pretrain_decoder(decoder, gen, steps=settings.pretrain_steps)
     encoder.to(dev)
     decoder.to(dev)
-    opt = torch.optim.Adam([{"params": list(encoder.parameters()), "weight_decay": settings.weight_decay},
-                            {"params": decoder.stage_parameters("full")}], lr=settings.lr)
+    param_groups: list[dict[str, Any]] = [
+        {"params": list(encoder.parameters()), "weight_decay": settings.weight_decay},
+        {"params": decoder.stage_parameters("full")}]
+    opt = torch.optim.Adam(param_groups, lr=settings.lr)
     history: list[dict] = []
     n = len(stream)
     bar = tqdm(total=settings.epochs * n, desc=f"hetero half {half}", unit="particle",
@@ -463,16 +480,17 @@ def train_halves(ps, neutral: dict[int, GaussianMixture], settings: HeteroSettin
     """
     angles = ps.angles_deg if angles_deg is None else angles_deg
     shifts = ps.shift_A if shift_A is None else shift_A
-    band = hetero_band(ps, settings)
     out = {}
     for h in halves:
+        half_settings = settings.for_half(h)
+        band = hetero_band(ps, half_settings)
         indices = ps.half(h)
         if len(indices) == 0:
             raise InputError(f"{ps.path}: half set {h} has no particles; heterogeneity analysis trains each "
                              "half on its own particles (rlnRandomSubset 1 and 2).", path=str(ps.path),
                              field="rlnRandomSubset")
-        stream = HalfStream(ps, indices, angles, shifts, band, settings, neutral[h])
-        out[h] = train_half(stream, settings, half=h, seed=half_seed(settings.seed, h))
+        stream = HalfStream(ps, indices, angles, shifts, band, half_settings, neutral[h])
+        out[h] = train_half(stream, half_settings, half=h, seed=half_seed(settings.seed, h))
     return out
 
 

@@ -42,7 +42,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from gmmrefine.errors import InputError
-from gmmrefine.geometry.rotations import matrix_to_euler
+from gmmrefine.io.conventions import matrix_to_euler
 from gmmrefine.io.particles import (
     CTFParams,
     ParticleSet,
@@ -72,6 +72,7 @@ def pose_from_relion_angles(angles_deg: np.ndarray) -> np.ndarray:
 
 
 def _field(data: np.ndarray, name: str, path: Path) -> np.ndarray:
+    assert data.dtype.names is not None  # read_cs checked it is a structured array
     if name not in data.dtype.names:
         raise InputError(f"{path}: cryoSPARC file has no field {name}; it is required (export particles from a "
                          f"refinement job so they carry poses, CTF and image locations).", path=str(path), field=name)
@@ -131,6 +132,7 @@ def read_cs(path: str | os.PathLike, *, project_dir: str | os.PathLike | None = 
 
     pose = _finite(_field(data, "alignments3D/pose", path), "alignments3D/pose", path).reshape(n, 3)
     shift_px = _finite(_field(data, "alignments3D/shift", path), "alignments3D/shift", path).reshape(n, 2)
+    shift_apix: np.ndarray | float
     if "alignments3D/psize_A" in data.dtype.names:
         shift_apix = _finite(data["alignments3D/psize_A"], "alignments3D/psize_A", path).reshape(n, 1)
     else:

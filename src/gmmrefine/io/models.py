@@ -50,7 +50,7 @@ class Atoms:
     def __len__(self) -> int:
         return len(self.elements)
 
-    def heavy(self) -> "Atoms":
+    def heavy(self) -> Atoms:
         """The non-hydrogen atoms."""
         keep = ~self.is_hydrogen
         return Atoms(self.coords_A[keep], [e for e, k in zip(self.elements, keep) if k], self.is_hydrogen[keep],

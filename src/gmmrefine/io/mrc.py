@@ -186,12 +186,12 @@ class StackWriter:
         self.path = Path(path)
         self.n, self.box, self.apix = int(n), int(box), float(apix)
         self._exit_stack: contextlib.ExitStack | None = None
-        self._mrc = None
+        self._mrc: mrcfile.mrcmemmap.MrcMemmap | None = None
         self._min, self._max = np.inf, -np.inf
         self._sum = self._sumsq = 0.0
         self._count = 0
 
-    def __enter__(self) -> "StackWriter":
+    def __enter__(self) -> StackWriter:
         self._exit_stack = contextlib.ExitStack()
         tmp = self._exit_stack.enter_context(atomic_path(self.path))
         self._mrc = mrcfile.new_mmap(tmp, shape=(self.n, self.box, self.box), mrc_mode=2, overwrite=True)
@@ -201,6 +201,7 @@ class StackWriter:
 
     def __setitem__(self, key, images: np.ndarray) -> None:
         images = np.asarray(images, dtype=np.float32)
+        assert self._mrc is not None, "StackWriter is written inside its with block"
         self._mrc.data[key] = images
         if images.size:
             self._min = min(self._min, float(images.min()))
@@ -215,6 +216,7 @@ class StackWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
+            assert self._mrc is not None  # opened by __enter__
             if exc_type is None and self._count:
                 mean = self._sum / self._count
                 header = self._mrc.header
@@ -224,5 +226,6 @@ class StackWriter:
         finally:
             self._mrc = None
             stack, self._exit_stack = self._exit_stack, None
+            assert stack is not None  # opened by __enter__
             suppressed = stack.__exit__(exc_type, exc, tb)
         return bool(suppressed)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -47,7 +47,7 @@ class CTFParams:
     FIELDS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kV", "cs_mm",
               "amplitude_contrast", "phase_shift_deg", "bfactor_A2", "scale")
 
-    def take(self, indices: np.ndarray) -> "CTFParams":
+    def take(self, indices: np.ndarray) -> CTFParams:
         """The parameters of a subset of particles."""
         return CTFParams(**{f: np.asarray(getattr(self, f))[indices] for f in self.FIELDS})
 
@@ -247,6 +247,7 @@ def _check_stacks(path: Path, files: np.ndarray, inverse: np.ndarray, index: np.
     if apix is None:
         raise InputError(f"{path}: no pixel size in the STAR file (rlnImagePixelSize, or rlnDetectorPixelSize "
                          f"and rlnMagnification) nor in the stack headers.", path=str(path), field="rlnImagePixelSize")
+    assert box is not None  # set from the first stack when missing (there is at least one particle)
     return int(box), float(apix)
 
 

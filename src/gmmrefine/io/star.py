@@ -220,6 +220,7 @@ def _read_blocks(path: Path, lines) -> dict[str, pd.DataFrame]:
             # A blank line or comment ends nothing in RELION except that rows never span it.
             continue
         if mode == "loop-rows" and not line.startswith(("data_", "loop_", "_")):
+            assert loop is not None  # set when mode became "loop-rows"
             loop.add(line, lineno)
             continue
         if line.startswith("data_"):

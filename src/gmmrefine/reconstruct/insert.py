@@ -62,13 +62,13 @@ class FourierAccumulator:
         return self.pad * self.box
 
     # -- summing -------------------------------------------------------------------------------
-    def _check_compatible(self, other: "FourierAccumulator") -> None:
+    def _check_compatible(self, other: FourierAccumulator) -> None:
         if not isinstance(other, FourierAccumulator):
             raise TypeError(f"cannot add {type(other).__name__} to a FourierAccumulator")
         if (other.box, other.pad) != (self.box, self.pad):
             raise ValueError(f"accumulators differ: box/pad {self.box}/{self.pad} vs {other.box}/{other.pad}")
 
-    def add_(self, other: "FourierAccumulator") -> "FourierAccumulator":
+    def add_(self, other: FourierAccumulator) -> FourierAccumulator:
         """Add another accumulator (same box and pad, any device) into this one, in place."""
         self._check_compatible(other)
         self.data += other.data.to(self.device)
@@ -76,14 +76,14 @@ class FourierAccumulator:
         self.count += other.count
         return self
 
-    def __add__(self, other: "FourierAccumulator") -> "FourierAccumulator":
+    def __add__(self, other: FourierAccumulator) -> FourierAccumulator:
         out = self.copy()
         return out.add_(other)
 
-    def __iadd__(self, other: "FourierAccumulator") -> "FourierAccumulator":
+    def __iadd__(self, other: FourierAccumulator) -> FourierAccumulator:
         return self.add_(other)
 
-    def copy(self) -> "FourierAccumulator":
+    def copy(self) -> FourierAccumulator:
         out = FourierAccumulator.__new__(FourierAccumulator)
         out.box, out.pad, out.count = self.box, self.pad, self.count
         out.data, out.weight = self.data.clone(), self.weight.clone()
@@ -99,7 +99,7 @@ class FourierAccumulator:
                         "weight": self.weight}, tmp)
 
     @classmethod
-    def load(cls, path, device: torch.device | str | None = None) -> "FourierAccumulator":
+    def load(cls, path, device: torch.device | str | None = None) -> FourierAccumulator:
         """Read an accumulator written by :meth:`save` (onto ``device``, default where it was)."""
         state = torch.load(path, map_location=device, weights_only=True)
         out = cls.__new__(cls)
@@ -108,7 +108,7 @@ class FourierAccumulator:
         out._slice_cache = None
         return out
 
-    def to(self, device: torch.device | str) -> "FourierAccumulator":
+    def to(self, device: torch.device | str) -> FourierAccumulator:
         """A copy on another device."""
         out = self.copy()
         out.data, out.weight = out.data.to(device), out.weight.to(device)

@@ -17,8 +17,9 @@ other waits on disk), and the FFTs run slab by slab in the grids' own storage.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
+from typing import cast
 
 import numpy as np
 import torch
@@ -103,7 +104,8 @@ def reconstruct_map(
     data = acc.data if consume else acc.data.clone()
     weight = acc.weight if consume else acc.weight.clone()
     if consume:
-        acc.data = acc.weight = None  # the grids now belong to this function
+        # The grids now belong to this function; the accumulator is invalid afterwards (None, not a grid).
+        acc.data = acc.weight = cast(torch.Tensor, None)
     _symmetrise_x0_plane_(data)
     _symmetrise_x0_plane_(weight)
     if symmetry is not None and symmetry.shape[0] > 1:

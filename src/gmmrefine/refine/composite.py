@@ -38,7 +38,7 @@ spectrum cut they need lowers the FSC to the noise-free map, 0.879 -> 0.820 on t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

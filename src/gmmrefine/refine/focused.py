@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -182,7 +182,7 @@ def seed_stage(stage, source_dir: Path, *, maps: bool = True) -> None:
     stage's ``it000``. Each half's files are its own; nothing is mixed.
 
     Args:
-        stage: :class:`~gmmrefine.pipeline.job.Job` or :class:`~gmmrefine.pipeline.job.SubJob`.
+        stage: :class:`~gmmrefine.pipeline.job.Job` or :class:`~gmmrefine.refine.stage.SubJob`.
         source_dir: an ``itNNN`` folder of a finished iteration.
         maps: also take the half maps (else the stage reconstructs its iteration 0 itself).
     """

@@ -38,13 +38,14 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from gmmrefine.devices import upload
 from gmmrefine.fourier.filters import low_pass
 from gmmrefine.fourier.fsc import fourier_shell_correlation, resolution_at, shell_frequencies
 from gmmrefine.geometry.rotations import euler_to_matrix, matrix_to_euler, rotation_angle_deg
@@ -53,8 +54,18 @@ from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import fourier_band
 from gmmrefine.io.atomic import atomic_path, write_json_atomic
 from gmmrefine.io.mrc import read_map, write_map
-from gmmrefine.refine.poses import (DEFAULT_BATCH, DEFAULT_PRIOR_A, DEFAULT_PRIOR_DEG, PoseSettings, batch_for_memory, free_memory_bytes, particle_band,
-                                    pose_precision, refine_poses, ring_correlations_at)
+from gmmrefine.refine.poses import (
+    DEFAULT_BATCH,
+    DEFAULT_PRIOR_A,
+    DEFAULT_PRIOR_DEG,
+    PoseSettings,
+    batch_for_memory,
+    free_memory_bytes,
+    particle_band,
+    pose_precision,
+    refine_poses,
+    ring_correlations_at,
+)
 
 HALVES = (1, 2)
 CTF_COMPARISONS = ("flip", "full")
@@ -240,11 +251,17 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     from tqdm import tqdm
 
     from gmmrefine import distributed
+    from gmmrefine.fourier.fft import crop_projection_spectra, rfft2_centered
     from gmmrefine.io.particles import read_images
     from gmmrefine.reconstruct.insert import FourierAccumulator
-    from gmmrefine.fourier.fft import crop_projection_spectra, rfft2_centered
-    from gmmrefine.reconstruct.invert import (_ctf_of, accumulate_images, grid_device, reconstruct_map,
-                                              release_free_memory, symmetry_matrices)
+    from gmmrefine.reconstruct.invert import (
+        _ctf_of,
+        accumulate_images,
+        grid_device,
+        reconstruct_map,
+        release_free_memory,
+        symmetry_matrices,
+    )
 
     ctx = distributed.current()
     if ctx.active and ctx.is_main:
@@ -274,9 +291,11 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     ring_snr = None
     pose = settings.pose
     if gmm is not None:
+        assert maxres_A is not None, "half_pass: a GMM needs maxres_A"
         band = fourier_band(work_box, work_apix, settings.minres_A, maxres_A, device=device)
         gmm = gmm.to(device=device, dtype=torch.float32)
         pose = resolve_batch(pose, device, gmm.n, band, ps.box)
+        assert pose.batch is not None  # resolve_batch sets it
         if ctx.active:  # every rank must cut the same blocks: the batch the tightest GPU allows
             pose = dataclasses.replace(pose, batch=distributed.all_min(pose.batch))
         if pose.needs_snr:
@@ -328,7 +347,7 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
                 rows = np.arange(s, e)
                 idx = indices[rows]
                 # One transform per image at the full box; everything after works on cropped spectra.
-                spectra = rfft2_centered(torch.from_numpy(images[s - img_lo:e - img_lo]).to(device))
+                spectra = rfft2_centered(upload(images[s - img_lo:e - img_lo], device))
                 spec = crop_projection_spectra(spectra, map_box)
                 ctf = _ctf_of(ps, idx, device, box=map_box, apix=map_apix)
                 del spectra
@@ -447,7 +466,7 @@ def measure_ring_snr(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: n
     for s in range(0, len(rows), step):
         part = rows[s:s + step]
         idx = indices[part]
-        spectra = crop_projection_spectra(rfft2_centered(torch.from_numpy(read_images(ps, idx)).to(device)), band.box)
+        spectra = crop_projection_spectra(rfft2_centered(upload(read_images(ps, idx), device)), band.box)
         ctf = _ctf_of(ps, idx, device, box=band.box, apix=band.apix)
         target, ctf_band, _ = comparison_inputs(spectra, ctf, band, ctf_mode, None)
         rot = euler_to_matrix(torch.as_tensor(angles_deg[part], device=device)).to(torch.float32)
@@ -534,6 +553,7 @@ def _resume(path: Path | None, accs: dict, arrays: tuple, lo: int, hi: int, devi
     lowest, highest = distributed.all_min(step), distributed.all_max(step)
     if lowest != highest or step == 0:
         return 0
+    assert state is not None  # step > 0 was read from it
     for q, a in accs.items():
         a.data, a.weight, a.count = state["accs"][q]["data"], state["accs"][q]["weight"], int(state["accs"][q]["count"])
     for x, part in zip(arrays, state["arrays"]):
@@ -587,7 +607,9 @@ def build_half_gmm(volume: torch.Tensor, apix: float, resolution_A: float, *, in
     from gmmrefine.gmm.build import REFERENCE_SPACING_FRACTION, estimate_n
 
     if builder is None:
-        from gmmrefine.gmm.build import build_gmm as builder
+        from gmmrefine.gmm.build import build_gmm
+
+        builder = build_gmm
     target_n = estimate_n(volume, apix, resolution_A, spacing_fraction=REFERENCE_SPACING_FRACTION)
     if init is not None and abs(init.n - target_n) > 0.25 * target_n:
         init = None
@@ -632,8 +654,10 @@ def _resolution_json(path: Path, p: HalfPass, box: int) -> dict:
         info["frc_start_mean"] = float(np.nanmean(p.frc_start))
         info["frc_end_mean"] = float(np.nanmean(p.frc_end))
     if p.ring_snr is not None:
+        assert p.ring_shell is not None  # set with ring_snr
         info["ring_snr"] = {"shell": p.ring_shell.tolist(), "snr": p.ring_snr.tolist()}
     if p.precision_deg is not None and np.isfinite(p.precision_deg).any():
+        assert p.precision_A is not None  # set with precision_deg
         info["median_precision_deg"] = float(np.nanmedian(p.precision_deg))
         info["median_precision_A"] = float(np.nanmedian(p.precision_A))
     write_json_atomic(path, info)
@@ -751,11 +775,11 @@ def _gold_fsc(job, k: int, apix: float) -> dict:
     from gmmrefine.fourier.fft import downsample_map
 
     d = job.path / it_dir(k)
-    (h1, apix1), (h2, _) = read_map(d / "half1.mrc"), read_map(d / "half2.mrc")
-    box = min(h1.shape[-1], h2.shape[-1])
-    apix = apix1 * h1.shape[-1] / box
-    h1 = downsample_map(torch.as_tensor(h1), box)
-    h2 = downsample_map(torch.as_tensor(h2), box)
+    (map1, apix1), (map2, _) = read_map(d / "half1.mrc"), read_map(d / "half2.mrc")
+    box = min(map1.shape[-1], map2.shape[-1])
+    apix = apix1 * map1.shape[-1] / box
+    h1 = downsample_map(torch.as_tensor(map1), box)
+    h2 = downsample_map(torch.as_tensor(map2), box)
     curve = fourier_shell_correlation(h1, h2)
     return {"iteration": k, "fsc": curve.tolist(), "frequency_inv_A": shell_frequencies(box, apix).tolist(),
             "resolution_A": resolution_at(curve, box, apix, 0.143),
@@ -781,6 +805,7 @@ def full_size_maps(job, ps, settings: RefineSettings, k: int, done: Callable[...
             work = job.summary(f"{it_dir(k)}/half{h}/refine").get("work_box") or ps.box
             p = half_pass(ps, h, angles, shifts, settings, desc=f"it{k:03d} full-size map half {h}", map_box=ps.box,
                           fsc_box=work)
+            assert p is not None  # rank 0 gets the pass
             write_map(d / f"half{h}.mrc", p.half_map.numpy(), p.apix)
             _resolution_json(d / f"half{h}_resolution.json", p, ps.box)
         previous = json.loads((d / "fsc.json").read_text())
@@ -842,7 +867,7 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
 
     Args:
         job: :class:`gmmrefine.pipeline.job.Job` (its completed steps are skipped), or a
-            :class:`gmmrefine.pipeline.job.SubJob` (a stage in a sub-folder: focused refinement of a patch).
+            :class:`gmmrefine.refine.stage.SubJob` (a stage in a sub-folder: focused refinement of a patch).
         ps: the input particle set (its poses are the start; iteration 0 reconstructs at them unless its
             steps were done beforehand, e.g. copied from the stage this one continues).
         settings: refinement settings.
@@ -873,6 +898,7 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
         start_box = start_fsc_box(ps.box, apix, settings.resolution_start_A)
         p = half_pass(ps, h, angles, shifts, settings, desc=f"it000 reconstruct half {h}", fsc_box=start_box,
                       map_box=ps.box if (settings.full_maps or gmm_transform is not None) else start_box)
+        assert p is not None  # rank 0 gets the pass
         d = job.dir(it_dir(0))
         write_map(d / f"half{h}.mrc", p.half_map.numpy(), p.apix)
         info = _resolution_json(d / f"half{h}_resolution.json", p, box)
@@ -888,7 +914,7 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
     histories.append(json.loads((job.path / it_dir(0) / "fsc.json").read_text()))
 
     auto = settings.iterations is None
-    for k in range(1, (settings.max_iterations if auto else settings.iterations) + 1):
+    for k in range(1, (settings.max_iterations if settings.iterations is None else settings.iterations) + 1):
         if auto and histories[-1].get("convergence", {}).get("converged"):
             break
         d = job.dir(it_dir(k))
@@ -924,6 +950,7 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
                 p = half_pass(ps, h, angles, shifts, settings, gmm=gmm, maxres_A=maxres,
                               desc=f"it{k:03d} refine half {h}", work_box=work, fsc_box=work,
                               map_box=box if settings.full_maps or k == settings.iterations else work)
+                assert p is not None  # rank 0 gets the pass
                 save_poses(d / f"poses_half{h}.npz", p, angles, shifts, apix)
                 write_map(d / f"half{h}.mrc", p.half_map.numpy(), p.apix)
                 info = _resolution_json(d / f"half{h}_resolution.json", p, box)
@@ -974,6 +1001,8 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
 
 def settings_from_params(params: dict) -> RefineSettings:
     """:class:`RefineSettings` from a job's parameter dictionary (``job.json``)."""
+    from gmmrefine.devices import device_name
+
     batch = params["batch"]
     steps = params.get("steps")
     # Jobs written before the Newton optimiser existed ran the paper's.
@@ -994,6 +1023,6 @@ def settings_from_params(params: dict) -> RefineSettings:
                           ctf=str(params.get("ctf", "flip")),
                           reconstruct_ctf=str(params.get("reconstruct_ctf", "wiener")),
                           pose=pose, gmm_steps=int(params.get("gmm_steps", 150)),
-                          device=str(params.get("device", "cpu")),
+                          device=device_name(params.get("device", "cpu")),  # "auto": CUDA if present
                           progress=bool(params.get("progress", True)),
                           symmetry=str(params.get("sym", "C1")), full_maps=bool(params.get("full_maps", False)))

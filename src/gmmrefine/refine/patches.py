@@ -47,6 +47,7 @@ from gmmrefine.gmm.masks import kmeans_patches
 from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.io.atomic import atomic_path, write_json_atomic
 from gmmrefine.io.mrc import read_map, write_map
+from gmmrefine.refine.stage import SubJob
 
 HALVES = (1, 2)
 DEFAULT_PATCHES = 8
@@ -187,7 +188,6 @@ def run_patch(job_path: str | Path, index: int, *, progress: bool = True) -> dic
         The patch's ``fsc.json``.
     """
     from gmmrefine.io.particles import read_particles, write_particles_star
-    from gmmrefine.pipeline.job import SubJob
     from gmmrefine.refine.focused import copy_atomic, focus_transform, masked_resolution, stage_particles
     from gmmrefine.refine.global_refine import current_poses, it_dir, run_global_refinement, settings_from_params
 
@@ -239,8 +239,8 @@ def run_patch(job_path: str | Path, index: int, *, progress: bool = True) -> dic
             "seconds": sum(h.get("seconds", 0.0) for h in histories[1:]),
             "wall_seconds": time.perf_counter() - t0,
             "mean_change_deg": float(change.mean()), "std_change_deg": float(change.std()),
-            "global": masked_resolution(*maps["global"], mask_eval, apix, seed=seed),
-            "patch": masked_resolution(*maps["patch"], mask_eval, apix, seed=seed),
+            "global": masked_resolution(maps["global"][0], maps["global"][1], mask_eval, apix, seed=seed),
+            "patch": masked_resolution(maps["patch"][0], maps["patch"][1], mask_eval, apix, seed=seed),
             "half_resolution_A": histories[-1]["half_resolution_A"]}
     write_json_atomic(out_json, info)
     stage.mark_done("outputs", resolution_A=info["patch"]["resolution_A"])
@@ -341,7 +341,7 @@ def hetero_domain(hjob: Path, particles: Path, n_particles: int) -> tuple[Path, 
     if not mask.is_file():
         raise InputError(f"{mask}: the mask of hetero job {hjob} is gone; --add-patch refines in that mask.",
                          path=str(mask), field="--add-patch")
-    from gmmrefine.hetero.outputs import job_inputs
+    from gmmrefine.refine.job_outputs import job_inputs
 
     source = job_inputs(params["job"]).particles if params.get("job") else params.get("particles")
     if source is None or Path(source).resolve() != Path(particles).resolve():
@@ -443,6 +443,7 @@ def composite_outputs(job, prefix: str, symmetry: str, apix: float, *, start_dir
     res = resolution_at(curve, box, apix, 0.143)
     start = [torch.as_tensor(read_map(start_dir / f"half{h}.mrc")[0]) for h in HALVES]
     start_curve = fourier_shell_correlation(start[0], start[1])
+    start_res = resolution_at(start_curve, box, apix, 0.143)
     full = low_pass(0.5 * (halves[0] + halves[1]), res, apix)
     point_group = symmetry_operators(symmetry).shape[0] > 1
     if point_group:
@@ -458,7 +459,7 @@ def composite_outputs(job, prefix: str, symmetry: str, apix: float, *, start_dir
         full = symmetrize_map(full * inside, symmetry)
     write_map(d / f"{prefix}_map.mrc", full.numpy(), apix)
     info = {"resolution_A": res, "fsc": curve.tolist(), "frequency_inv_A": shell_frequencies(box, apix).tolist(),
-            "start_resolution_A": resolution_at(start_curve, box, apix, 0.143), "start_fsc": start_curve.tolist(),
+            "start_resolution_A": start_res, "start_fsc": start_curve.tolist(),
             "symmetry": symmetry}
     if point_group:
         from gmmrefine.fourier.masks import radius_grid
@@ -467,6 +468,6 @@ def composite_outputs(job, prefix: str, symmetry: str, apix: float, *, start_dir
         info["symmetry_error_of_map"] = symmetry_error(full, symmetry, inner)
         info["symmetry_error_of_map_blur1.5px"] = symmetry_error(full, symmetry, inner, blur_px=1.5)
         # the start map as it is (a reconstruction symmetrised in Fourier space), within the same sphere
-        start_map = low_pass(0.5 * (start[0] + start[1]), info["start_resolution_A"], apix) * inside
+        start_map = low_pass(0.5 * (start[0] + start[1]), start_res, apix) * inside
         info["symmetry_error_of_start_map_blur1.5px"] = symmetry_error(start_map, symmetry, inner, blur_px=1.5)
     return info

@@ -420,6 +420,7 @@ def _newton_batch(gmm, target, rot0, t0, band, settings, weight, rho, out: PoseR
     # The prior is centred on this call's start, which came from the same images: counting it as
     # information would be double counting, so the precision is the likelihood's alone (a vanishing
     # fraction of the prior keeps a flat direction finite).
+    assert out.covariance is not None and out.steps is not None  # allocated for the newton optimiser
     out.covariance[sl] = torch.linalg.inv(fit.fisher + 1e-6 * prior).to(torch.float32)
     out.steps[sl] = steps
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def _chunk_elements(device) -> int:
     return 1 << 26 if torch.device(device or "cpu").type == "cuda" else 1 << 22
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _element_info(symbol: str) -> tuple[tuple[float, ...], tuple[float, ...], float]:
     """Electron form-factor coefficients ``(a, b)`` and atomic mass of an element symbol."""
     import gemmi

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,6 +106,7 @@ class AtomicSource:
             coords = morph(coords, self.end_A, torch.as_tensor(morph_fraction))
         if self.operators is None:
             if self.domain_mask is not None:
+                assert self.hinge_axis is not None and self.pivot_A is not None  # given with domain_mask
                 rot = hinge_rotations(self.hinge_axis, torch.as_tensor(hinge_angle_deg))
                 coords = hinge(coords, self.domain_mask, self.pivot_A, rot)
             return coords
@@ -113,6 +115,7 @@ class AtomicSource:
         for k, op in enumerate(torch.as_tensor(np.asarray(self.operators, dtype=np.float64))):  # K copies
             conf = coords
             if self.domain_mask is not None:
+                assert self.hinge_axis is not None and self.pivot_A is not None  # given with domain_mask
                 angles = torch.as_tensor(np.asarray(hinge_angle_deg, dtype=np.float64)[:, k])
                 conf = hinge(coords, self.domain_mask, self.pivot_A, hinge_rotations(self.hinge_axis, angles))
             copies.append((conf - center) @ op.T + center)
@@ -165,19 +168,21 @@ class Truth:
         cols: dict[str, np.ndarray] = {}
         if self.morph_fraction is not None:
             cols["gmmMorphFraction"] = self.morph_fraction
-        if self.domain_rotation is not None and np.ndim(self.hinge_angle_deg) == 1:
-            euler = matrix_to_euler(torch.as_tensor(self.domain_rotation)).numpy()
-            cols["gmmDomainRot"] = euler[:, 0]
-            cols["gmmDomainTilt"] = euler[:, 1]
-            cols["gmmDomainPsi"] = euler[:, 2]
-            cols["gmmDomainAngle"] = self.hinge_angle_deg
-        elif self.domain_rotation is not None:
-            for k in range(self.hinge_angle_deg.shape[1]):  # one set of columns per copy, 1-based
-                euler = matrix_to_euler(torch.as_tensor(self.domain_rotation[:, k])).numpy()
-                cols[f"gmmDomainRot{k + 1}"] = euler[:, 0]
-                cols[f"gmmDomainTilt{k + 1}"] = euler[:, 1]
-                cols[f"gmmDomainPsi{k + 1}"] = euler[:, 2]
-                cols[f"gmmDomainAngle{k + 1}"] = self.hinge_angle_deg[:, k]
+        if self.domain_rotation is not None:
+            assert self.hinge_angle_deg is not None  # drawn together with domain_rotation
+            if np.ndim(self.hinge_angle_deg) == 1:
+                euler = matrix_to_euler(torch.as_tensor(self.domain_rotation)).numpy()
+                cols["gmmDomainRot"] = euler[:, 0]
+                cols["gmmDomainTilt"] = euler[:, 1]
+                cols["gmmDomainPsi"] = euler[:, 2]
+                cols["gmmDomainAngle"] = self.hinge_angle_deg
+            else:
+                for k in range(self.hinge_angle_deg.shape[1]):  # one set of columns per copy, 1-based
+                    euler = matrix_to_euler(torch.as_tensor(self.domain_rotation[:, k])).numpy()
+                    cols[f"gmmDomainRot{k + 1}"] = euler[:, 0]
+                    cols[f"gmmDomainTilt{k + 1}"] = euler[:, 1]
+                    cols[f"gmmDomainPsi{k + 1}"] = euler[:, 2]
+                    cols[f"gmmDomainAngle{k + 1}"] = self.hinge_angle_deg[:, k]
         return cols
 
 
@@ -237,9 +242,11 @@ def draw_truth(n: int, source: AtomicSource | MapSource, *, apix: float, seed: i
         if source.end_A is not None:
             truth.morph_fraction = rng.uniform(0.0, 1.0, n)
         if source.domain_mask is not None and source.operators is None:
+            assert source.hinge_axis is not None  # given with domain_mask
             truth.hinge_angle_deg = random_hinge_angles(n, source.hinge_deg, gen).numpy()
             truth.domain_rotation = hinge_rotations(source.hinge_axis, torch.as_tensor(truth.hinge_angle_deg)).numpy()
         elif source.domain_mask is not None:
+            assert source.hinge_axis is not None  # given with domain_mask
             k = source.n_copies
             truth.hinge_angle_deg = random_hinge_angles(n * k, source.hinge_deg, gen).numpy().reshape(n, k)
             truth.domain_rotation = hinge_rotations(source.hinge_axis, torch.as_tensor(
@@ -394,6 +401,7 @@ def write_dataset(out_dir: Path, source: AtomicSource | MapSource, truth: Truth,
     n_pilot = min(n, PILOT_PARTICLES)
     # The noise level must be known before the first image is written: it comes from the first
     # n_pilot particles, rendered once when the first chunk holds them.
+    first: torch.Tensor | None
     first = clean_images(source, truth, np.arange(min(n, max(chunk, n_pilot))), box, apix, device=device)
     signal_var = signal_variance(first[:n_pilot])
     sigma = 0.0 if math.isinf(snr) else math.sqrt(signal_var / snr)
@@ -412,7 +420,7 @@ def write_dataset(out_dir: Path, source: AtomicSource | MapSource, truth: Truth,
                 i0 += len(images)
                 bar.update(len(images))
     names = image_names(n)
-    common = dict(ctf=truth.ctf, subset=truth.subset, apix=apix, box=box)
+    common: dict[str, Any] = dict(ctf=truth.ctf, subset=truth.subset, apix=apix, box=box)
     write_star(paths["particles"], new_particle_tables(names, truth.angles_deg, truth.shift_A, extra=None, **common))
     write_star(paths["truth"], new_particle_tables(names, truth.angles_deg, truth.shift_A,
                                                    extra=truth.extra_columns() or None, **common))
