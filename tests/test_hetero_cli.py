@@ -203,3 +203,44 @@ def test_job_defaults_keep_half1_independent_of_half2(data, tmp_path):
     la, lb = np.load(a / "hj" / "latent.npy"), np.load(b / "hj" / "latent.npy")
     assert np.array_equal(la[ps.half(1)], lb[ps.half(1)])
     assert not np.array_equal(la[ps.half(2)], lb[ps.half(2)])  # half 2 did see its changes
+
+
+def test_select_writes_a_subset_relion_reads(data, tmp_path):
+    """`gmmrefine select`: a PC1 range (in sd of each half) and a k-means cluster, as STAR files with
+    every column of the hetero job's particles.star, which read_particles and relion_reconstruct read."""
+    import subprocess
+
+    from conftest import relion_available
+
+    root, sim, out, _ = data
+    full = read_star(out / "particles.star")["particles"]
+    pc1, subset = full["gmmLatentPC1"].to_numpy(), full["rlnRandomSubset"].to_numpy()
+    assert cli_main(["select", "--hetero", str(out), "--pc1-range", "-100", "0", "--out", str(tmp_path / "low.star")]) == 0
+    low = read_star(tmp_path / "low.star")["particles"]
+    assert list(low.columns) == list(full.columns)
+    expected = np.zeros(len(full), dtype=bool)
+    for h in (1, 2):
+        rows = subset == h
+        expected[rows] = pc1[rows] <= pc1[rows].mean()
+    assert np.array_equal(low["rlnImageName"].to_numpy(), full["rlnImageName"].to_numpy()[expected])
+    assert 0 < len(low) < len(full)
+    for k in (1, 3):
+        assert cli_main(["select", "--hetero", str(out), "--cluster", str(k), "--clusters", "3",
+                         "--out", str(tmp_path / f"c{k}.star")]) == 0
+    c1, c3 = (read_particles(tmp_path / f"c{k}.star") for k in (1, 3))
+    names1, names3 = set(c1.tables["particles"]["rlnImageName"]), set(c3.tables["particles"]["rlnImageName"])
+    assert names1 and names3 and not names1 & names3
+    # clusters are numbered by mean PC1: cluster 1 sits below cluster 3 in each half
+    for h in (1, 2):
+        m1 = c1.tables["particles"]["gmmLatentPC1"][c1.subset == h].mean()
+        m3 = c3.tables["particles"]["gmmLatentPC1"][c3.subset == h].mean()
+        assert m1 < m3
+    if relion_available():
+        rec = tmp_path / "c1.mrc"
+        subprocess.run(["relion_reconstruct", "--i", str(tmp_path / "c1.star"), "--o", str(rec), "--ctf"],
+                       check=True, capture_output=True)
+        assert read_map(rec)[0].shape == (40, 40, 40)
+    # bad input: one sentence, exit 2, nothing written
+    assert cli_main(["select", "--hetero", str(out), "--pc1-range", "1", "-1", "--out", str(tmp_path / "x.star")]) == 2
+    assert cli_main(["select", "--hetero", str(tmp_path), "--cluster", "1", "--out", str(tmp_path / "x.star")]) == 2
+    assert not (tmp_path / "x.star").exists()
