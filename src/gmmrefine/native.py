@@ -53,6 +53,7 @@ class ProjectionArgs(ctypes.Structure):
 
 KERNELS_ENV = "GMMREFINE_KERNELS"
 _MODES = ("auto", "native", "torch")
+_warned: set[str] = set()  # reasons already warned about
 
 # What the torch code costs on the CPU instead, measured by benchmarks/kernels.py (box 64, 300 Gaussians,
 # one thread): projection step 2.5x, pose refinement 2.1x, reconstruction 1.4x, a refine iteration 1.3x.
@@ -70,9 +71,13 @@ def kernel_mode() -> str:
 
 
 def _why_not(reason: str) -> None:
-    """The compiled kernels cannot run: an error under ``GMMREFINE_KERNELS=native``, else one warning."""
+    """The compiled kernels cannot run: an error under ``GMMREFINE_KERNELS=native``, else one warning
+    per reason."""
     if kernel_mode() == "native":
         raise InputError(f"{KERNELS_ENV}=native, but {reason}.", field=KERNELS_ENV)
+    if reason in _warned:
+        return
+    _warned.add(reason)
     warnings.warn(f"gmmrefine: {reason}; the torch code runs on the CPU instead ({_SLOWDOWN}). "
                   "`gmmrefine info` shows the kernels in use.", RuntimeWarning, stacklevel=4)
 
@@ -104,8 +109,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
-_warned: set[str] = set()
-
 
 def _library() -> ctypes.CDLL | None:
     """The compiled library, or None when switched off or unavailable (one warning, or an error under
@@ -113,8 +116,7 @@ def _library() -> ctypes.CDLL | None:
     if kernel_mode() == "torch":
         return None
     lib, why = _load()
-    if lib is None and (kernel_mode() == "native" or why not in _warned):
-        _warned.add(why)
+    if lib is None:
         _why_not(why)
     return lib
 
@@ -198,10 +200,7 @@ def fused_projection_available() -> bool:
     if _library() is None:
         return False
     if _blas() is None:
-        why = "torch's libraries export no working BLAS sgemm_ for the fused GMM projection"
-        if kernel_mode() == "native" or why not in _warned:
-            _warned.add(why)
-            _why_not(why)
+        _why_not("torch's libraries export no working BLAS sgemm_ for the fused GMM projection")
         return False
     return True
 
