@@ -58,8 +58,8 @@ def simulate(out: Path, box: int, n: int, *extra: str, name: str | None = None) 
 
 
 def step_seconds(job: Path) -> dict:
-    """Seconds of iteration 0, of the refinement iterations (each half's GMM and refine steps) and of the
-    full-size maps, from the job's ``state.json``."""
+    """Seconds of iteration 0, of the refinement iterations (each half's GMM and refine steps), of the
+    full-size maps and of the precision's reference error, from the job's ``state.json``."""
     done = json.loads((job / "state.json").read_text())["done"]
     its: dict[str, float] = {}
     for step, info in done.items():
@@ -68,13 +68,15 @@ def step_seconds(job: Path) -> dict:
         it = step.split("/")[0]
         if step.endswith("/full_maps"):
             its["full_maps"] = its.get("full_maps", 0.0) + info["seconds"]
+        elif step.endswith("/precision"):
+            its["precision"] = its.get("precision", 0.0) + info["seconds"]
         else:
             its[it] = its.get(it, 0.0) + info["seconds"]
     boxes = {step: (info.get("work_box"), info.get("map_box")) for step, info in done.items()
              if isinstance(info, dict) and "work_box" in info}
     return {"it000_s": its.get("it000", 0.0), "iterations_s": [v for k, v in sorted(its.items())
                                                                if k.startswith("it") and k != "it000"],
-            "full_maps_s": its.get("full_maps", 0.0), "boxes": boxes}
+            "full_maps_s": its.get("full_maps", 0.0), "precision_s": its.get("precision", 0.0), "boxes": boxes}
 
 
 def box_rows(out: Path, boxes: list[int], counts: list[int], sim_n: int, baseline: Path | None,
@@ -122,7 +124,7 @@ def print_row(r: dict, flush: bool = False) -> None:
     print(line, flush=flush)
 
 
-def relion_comparison(out: Path, n: int) -> dict:
+def relion_comparison(out: Path, n: int, relion_timeout_s: float | None = None) -> dict:
     """Box 256, an O assembly of adk (per-copy hinges), gmmrefine against relion_refine_mpi, to convergence."""
     from refine import run_relion, truth_mask
 
@@ -145,7 +147,7 @@ def relion_comparison(out: Path, n: int) -> dict:
     result["gmmrefine"].update(steps, iterations=len(steps["iterations_s"]),
                                seconds_per_iteration=float(np.mean(steps["iterations_s"])), angular_error_deg=ang,
                                shift_error_A=sh, masked_fsc=masked_fsc_to_truth(h1, h2, truth_map, mask))
-    result["relion"] = run_relion(sim, job, out, truth, truth_map, mask, apix, 140.0)
+    result["relion"] = run_relion(sim, job, out, truth, truth_map, mask, apix, 140.0, timeout_s=relion_timeout_s)
     start = read_particles(sim / "particles_perturbed.star")
     result["start"] = dict(zip(("angular_error_deg", "shift_error_A"),
                                pose_errors(start.angles_deg, start.shift_A, truth.angles_deg, truth.shift_A)))
@@ -155,7 +157,8 @@ def relion_comparison(out: Path, n: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--boxes", type=int, nargs="+", default=[128, 256, 384, 512])
+    parser.add_argument("--boxes", type=int, nargs="*", default=[128, 256, 384, 512],
+                        help="boxes of the table (none: only the --relion comparison)")
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 2000])
     parser.add_argument("--sim-n", type=int, default=200, help="simulated images per box (the rows cycle through them)")
     parser.add_argument("--baseline", type=Path, default=None, help="src folder of the code to compare with")
@@ -165,6 +168,8 @@ def main() -> int:
                         help="counts at the largest box only (default: --counts)")
     parser.add_argument("--relion", action="store_true", help="also the box-256 comparison with relion_refine_mpi")
     parser.add_argument("--relion-n", type=int, default=2000)
+    parser.add_argument("--relion-timeout", type=float, default=None,
+                        help="seconds after which RELION is stopped and judged by its last finished iteration")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +180,7 @@ def main() -> int:
                                 args.largest_box_counts)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if args.relion:
-        r = results["relion"] = relion_comparison(out, args.relion_n)
+        r = results["relion"] = relion_comparison(out, args.relion_n, args.relion_timeout)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         g, rl = r["gmmrefine"], r["relion"]
         print(f"\nbox 256, {r['n']} particles, O assembly (C1), start {r['start']['angular_error_deg']:.2f} deg / "
@@ -185,6 +190,9 @@ def main() -> int:
             print(f"{name:11s} {x['iterations']:11d}  {x['seconds_per_iteration'] or 0:11.0f}  {x['wall_s']:7.0f}  "
                   f"{x['peak_rss_MB']:7.0f}  {x['angular_error_deg']:7.3f}  {x['shift_error_A']:9.3f}  "
                   f"{x['masked_fsc']:10.4f}")
+        if not rl["converged"]:
+            print(f"RELION stopped after {args.relion_timeout:.0f} s, not converged: judged by its iteration "
+                  f"{rl['iterations']}")
         print(f"per iteration: {rl['seconds_per_iteration'] / g['seconds_per_iteration']:.1f}x faster; total "
               f"{rl['wall_s'] / g['wall_s']:.1f}x; peak RSS {g['peak_rss_MB'] / rl['peak_rss_MB']:.2f} of RELION's")
     return 0

@@ -281,6 +281,17 @@ def score_iterations(sim: Path, job: Path, truth_fsc: float, mask: np.ndarray) -
             row["error_over_precision_rms_A"] = float(np.sqrt(np.mean((dist / prec_A) ** 2)))
             row["median_precision_deg"] = float(np.median(prec))
         rows.append(row)
+    final = job / "final" / "particles.star"
+    if rows and final.is_file() and "gmmAngularPrecisionDeg" in read_particles(final).particles:
+        # final/ reports each half's precision with its reference error (after the last FSC)
+        ps = read_particles(final)
+        err = rotation_angle_deg(euler_to_matrix(torch.as_tensor(ps.angles_deg)),
+                                 euler_to_matrix(torch.as_tensor(truth.angles_deg))).numpy()
+        dist = np.linalg.norm(ps.shift_A - truth.shift_A, axis=1)
+        rows[-1]["final_error_over_precision_rms_deg"] = float(
+            np.sqrt(np.mean((err / ps.particles["gmmAngularPrecisionDeg"].to_numpy(np.float64)) ** 2)))
+        rows[-1]["final_error_over_precision_rms_A"] = float(
+            np.sqrt(np.mean((dist / ps.particles["gmmShiftPrecisionAngst"].to_numpy(np.float64)) ** 2)))
     return rows
 
 
@@ -419,6 +430,10 @@ def report(snr: float, e: dict) -> None:
             print(f"{name:7s} {r['iteration']:2d}  {r['angular_error_deg']:7.3f}  {r['shift_error_A']:9.3f}  "
                   f"{gap_a:7.0%}  {gap_s:9.0%}  {r['gold_standard_A']:6.2f}  {masked:>9s}  {ratio:>5s}  {calib:>19s}  "
                   f"{r['seconds'] or 0:7.0f}")
+        if "final_error_over_precision_rms_deg" in rows[-1]:
+            print(f"{name} final/particles.star (precision with the reference's error): error/precision rms "
+                  f"{rows[-1]['final_error_over_precision_rms_deg']:.2f} (rotation), "
+                  f"{rows[-1]['final_error_over_precision_rms_A']:.2f} (shift)")
         per_it = [r["seconds"] for r in rows[1:] if r["seconds"]]
         print(f"{name}: wall time {e[f'{name}_wall_s']:.0f} s, {len(per_it)} iterations, "
               f"{np.mean(per_it):.0f} s per iteration")

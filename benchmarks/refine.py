@@ -120,12 +120,13 @@ def relion_poses(star: Path, truth) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, mask: np.ndarray, apix: float,
-               diameter_A: float) -> dict:
+               diameter_A: float, timeout_s: float | None = None) -> dict:
     """``relion_refine_mpi`` local refinement (3 MPI ranks: a leader and one worker per half, one thread
     each, i.e. the 2 cores) from the perturbed poses, with the start map of our job low-passed to 8 A as
     reference. Returns its wall time (total and per iteration), peak RSS of its ranks together, pose error
     and FSC to the truth (resolutions at 0.5, and the masked FSC's mean over shells,
-    :func:`gmmrefine.pipeline.evaluate.masked_fsc_to_truth`)."""
+    :func:`gmmrefine.pipeline.evaluate.masked_fsc_to_truth`). With ``timeout_s`` a run still going then is
+    stopped and judged by its last finished iteration (``converged`` False)."""
     from gmmrefine.fourier.filters import low_pass
     from gmmrefine.io.mrc import read_map, write_map
     from gmmrefine.pipeline.evaluate import masked_fsc_to_truth
@@ -141,22 +142,38 @@ def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, ma
            "--i", "particles_perturbed.star", "--o", str(rdir / "run"), "--ref", str(rdir / "ref.mrc"),
            "--particle_diameter", str(diameter_A), *RELION_OPTIONS]
     t0 = time.time()
+    converged = True
     with open(rdir / "log.txt", "w") as log:
         # /usr/bin/time -v under mpirun would time mpirun itself; RSS is summed over the ranks' reports
         ranks = ["bash", "-c", '/usr/bin/time -v -o "$0.$OMPI_COMM_WORLD_RANK" "$@"', str(rdir / "rss")]
-        subprocess.run(cmd[:5] + ranks + cmd[5:], cwd=sim, stdout=log, stderr=subprocess.STDOUT, check=True)
+        proc = subprocess.Popen(cmd[:5] + ranks + cmd[5:], cwd=sim, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            if proc.wait(timeout=timeout_s) != 0:
+                raise subprocess.CalledProcessError(proc.returncode, cmd)
+        except subprocess.TimeoutExpired:
+            converged = False
+            os.killpg(proc.pid, 15)  # mpirun passes it on to its ranks; time -v still reports each
+            proc.wait()
     wall = time.time() - t0
-    rss_mb = sum(int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", f.read_text()).group(1))
-                 for f in rdir.glob("rss.*")) / 1024
+    rss_mb = sum(int(m.group(1)) for f in rdir.glob("rss.*")
+                 if (m := re.search(r"Maximum resident set size \(kbytes\): (\d+)", f.read_text()))) / 1024
     # Iteration k ends when run_itNNN_data.star is written; iteration 0 is RELION's start-up pass.
     its = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
     stamps = [t0] + [p.stat().st_mtime for p in its]
     per_it = [b - a for a, b in zip(stamps[1:-1], stamps[2:])]  # iterations 1.. (after the start-up pass)
-    angles, shifts = relion_poses(rdir / "run_data.star", truth)
+    if converged:
+        data, maps = rdir / "run_data.star", [rdir / f"run_half{h}_class001_unfil.mrc" for h in (1, 2)]
+    else:  # the last finished iteration
+        last = its[-1].name[:len("run_itNNN")]
+        data, maps = its[-1], [rdir / f"{last}_half{h}_class001.mrc" for h in (1, 2)]
+        wall = stamps[-1] - t0
+    angles, shifts = relion_poses(data, truth)
     ang, sh = pose_errors(angles, shifts, truth)
-    r1 = read_map(rdir / "run_half1_class001_unfil.mrc")[0]
-    r2 = read_map(rdir / "run_half2_class001_unfil.mrc")[0]
+    r1 = read_map(maps[0])[0]
+    r2 = read_map(maps[1])[0]
     return {"command": " ".join(cmd), "wall_s": wall, "iterations": len(its) - 1, "peak_rss_MB": rss_mb,
+            "converged": converged,
             "masked_fsc": masked_fsc_to_truth(r1, r2, truth_map, mask),
             "startup_s": stamps[1] - stamps[0] if len(stamps) > 1 else None,
             "seconds_per_iteration": float(np.mean(per_it)) if per_it else wall,

@@ -95,6 +95,36 @@ def test_gold_standard_half1_ignores_half2_data(runs):
     assert not np.array_equal(a2["angles"], b2["angles"])
 
 
+def test_final_precision_adds_each_halfs_reference_error_and_is_calibrated(runs):
+    """final/particles.star: each half's Fisher precision (it001/poses_half*.npz) times the factor its
+    poses' spread against the other half's reference gave (it001/precision.json), and the true error
+    over it has an RMS in issue 16's 0.7-1.4."""
+    import torch
+
+    from gmmrefine.geometry.rotations import euler_to_matrix, rotation_angle_deg
+
+    job = runs["A"]
+    factors = json.loads((job / "it001" / "precision.json").read_text())
+    final = read_particles(job / "final" / "particles.star")
+    for h in (1, 2):
+        f = factors[str(h)]
+        assert f["n"] == 160 and f["factor_deg"] == pytest.approx(np.sqrt(1 + f["k_deg"]))
+        assert 1.0 < f["factor_deg"] < 2.0 and 1.0 < f["factor_A"] < 2.0  # measured 1.03 / 1.05
+        with np.load(job / "it001" / f"poses_half{h}.npz") as z:
+            rows, fisher_deg, fisher_A = z["indices"], z["precision_deg"], z["precision_A"]
+        np.testing.assert_allclose(final.particles["gmmAngularPrecisionDeg"].to_numpy(np.float64)[rows],
+                                   fisher_deg * f["factor_deg"], rtol=1e-5)
+        np.testing.assert_allclose(final.particles["gmmShiftPrecisionAngst"].to_numpy(np.float64)[rows],
+                                   fisher_A * f["factor_A"], rtol=1e-5)
+    truth = read_particles(runs["sim"] / "particles.star")
+    err = rotation_angle_deg(euler_to_matrix(torch.as_tensor(final.angles_deg)),
+                             euler_to_matrix(torch.as_tensor(truth.angles_deg))).numpy()
+    dist = np.linalg.norm(final.shift_A - truth.shift_A, axis=1)
+    calib_deg = np.sqrt(np.mean((err / final.particles["gmmAngularPrecisionDeg"].to_numpy(np.float64)) ** 2))
+    calib_A = np.sqrt(np.mean((dist / final.particles["gmmShiftPrecisionAngst"].to_numpy(np.float64)) ** 2))
+    assert 0.7 < calib_deg < 1.4 and 0.7 < calib_A < 1.4, (calib_deg, calib_A)  # measured 0.81, 0.91
+
+
 def test_existing_job_is_refused_and_bad_input_writes_nothing(runs):
     r = _refine(runs["sim"] / "particles_perturbed.star", runs["A"])
     assert r.returncode == 2 and "--continue" in r.stderr and "Traceback" not in r.stderr

@@ -222,6 +222,9 @@ def finish(job, ps, histories: list[dict]) -> dict:
                                                                 "median_precision_deg", "median_precision_A",
                                                                 "convergence")}
                                  for h in histories]}
+    calibration = job.path / it_dir(k) / "precision.json"
+    if calibration.is_file():  # each half's reference error in the precision of final/particles.star
+        summary["precision_reference_error"] = json.loads(calibration.read_text())
     summary["warnings"] = job_warnings(histories, ps.box, ps.apix)
     for warning in summary["warnings"][sum(len(h.get("warnings", [])) for h in histories):]:
         job.log(f"WARNING: {warning}")  # the iterations' own were logged as they came

@@ -71,13 +71,13 @@ def plot_pose_changes(changes: list[tuple[int, np.ndarray, np.ndarray]], path: P
     plt.close(fig)
 
 
-def _histograms(ax, series: list[tuple[int, np.ndarray]], describe) -> None:
+def _histograms(ax, series: list[tuple[int | str, np.ndarray]], describe) -> None:
     """One step histogram per iteration ``(k, values)`` on shared bins up to the 99.5th percentile,
-    each labelled ``it k: describe(values)``."""
+    each labelled ``it k: describe(values)`` (or ``k: ...`` for a named series)."""
     top = max([float(np.nanpercentile(v, 99.5)) for _, v in series] + [1e-3])
     for k, values in series:
         ax.hist(values[np.isfinite(values)], bins=np.linspace(0, top, 41), histtype="step",
-                label=f"it {k}: {describe(values)}")
+                label=f"{f'it {k}' if isinstance(k, int) else k}: {describe(values)}")
 
 
 def load_changes(job_path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -96,18 +96,29 @@ def load_changes(job_path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
     return out
 
 
-def load_precision(job_path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """``(iteration, precision_deg (N,), precision_A (N,))`` of the iterations that estimated one."""
-    out = []
+def load_precision(job_path: Path) -> list[tuple[int | str, np.ndarray, np.ndarray]]:
+    """``(iteration, precision_deg (N,), precision_A (N,))`` of the iterations that estimated one (each
+    half's own, from its images), and ``("final", ...)``, the precision of ``final/particles.star`` with
+    each half's reference error (``itNNN/precision.json``), if the job measured it."""
+    out: list[tuple[int | str, np.ndarray, np.ndarray]] = []
     for d in iteration_dirs(job_path):
-        deg, ang = [], []
-        for f in sorted(d.glob("poses_half*.npz")):
+        deg, ang, factors = [], [], []
+        calibration = json.loads((d / "precision.json").read_text()) if (d / "precision.json").is_file() else None
+        for h in (1, 2):
+            f = d / f"poses_half{h}.npz"
+            if not f.is_file():
+                continue
             with np.load(f) as z:
                 if "precision_deg" in z.files:
                     deg.append(z["precision_deg"])
                     ang.append(z["precision_A"])
+                    if calibration is not None:
+                        factors.append((calibration[str(h)]["factor_deg"], calibration[str(h)]["factor_A"]))
         if deg and np.isfinite(np.concatenate(deg)).any():
             out.append((int(d.name[2:]), np.concatenate(deg), np.concatenate(ang)))
+            if calibration is not None and len(factors) == len(deg):
+                out.append(("final", np.concatenate([x * f for x, (f, _) in zip(deg, factors)]),
+                            np.concatenate([x * f for x, (_, f) in zip(ang, factors)])))
     return out
 
 
@@ -126,7 +137,7 @@ def load_ring_snr(job_path: Path) -> list[tuple[int, int, np.ndarray, np.ndarray
     return out
 
 
-def plot_precision(precision: list[tuple[int, np.ndarray, np.ndarray]],
+def plot_precision(precision: list[tuple[int | str, np.ndarray, np.ndarray]],
                    ring_snr: list[tuple[int, int, np.ndarray, np.ndarray]], path: Path) -> None:
     """Per-particle precision (expected angular and shift error) per iteration, and the per-ring SNR the
     objective was weighted by."""

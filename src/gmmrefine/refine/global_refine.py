@@ -12,6 +12,11 @@ Per iteration ``k`` and per half ``h`` (each half on its own; they meet only in 
 3. ``itK/fsc``: gold-standard FSC between the half maps, ``particles.star``; with ``--iterations auto``
    the decision to go on (:func:`convergence`).
 
+After the last iteration: ``itK/full_maps`` (full-size half maps, :func:`full_size_maps`) and
+``itK/precision`` (:func:`calibrate_precision`): once the halves have met in the FSC, a sample of each
+half is refined against the other half's GMM to add the reference's error to the pose precision of
+``final/particles.star``; no pose or map changes.
+
 **Work follows the band, not the box.** Every iteration runs on a Fourier grid cropped to its band plus
 a margin (:func:`working_box`: 90 px for a 9.8 A band in a 256-px box at 1 A/px): each block's spectra
 are cropped once, before CTFs, comparison and insertion; the half and quarter maps, the FSCs and the
@@ -161,7 +166,7 @@ class HalfPass:
         precision_deg, precision_A: ``(n,)`` expected angular and shift error of each refined pose
             (:func:`gmmrefine.refine.poses.pose_precision`; NaN without the Newton optimiser).
         half_map: ``(D, D, D)`` float32 map of the half at the new poses.
-        quarter_fsc: ``(D//2+1,)`` FSC between the half's even and odd particles' maps.
+        quarter_fsc: ``(D//2+1,)`` FSC between the half's even and odd particles' maps (None: not made).
         seconds: wall time of the pass.
         apix: pixel size (A/px).
         batch: particles per pose batch it used.
@@ -176,7 +181,7 @@ class HalfPass:
     frc_start: np.ndarray
     frc_end: np.ndarray
     half_map: torch.Tensor
-    quarter_fsc: torch.Tensor
+    quarter_fsc: torch.Tensor | None
     seconds: float
     apix: float
     batch: int = DEFAULT_BATCH
@@ -190,6 +195,7 @@ class HalfPass:
     def resolution_A(self) -> float:
         """Resolution estimate of the half map alone (corrected quarter FSC at 0.143), on the quarter
         maps' grid (which may be smaller than the half map's)."""
+        assert self.quarter_fsc is not None, "a pass without quarter maps has no resolution estimate"
         fsc_box = 2 * (len(self.quarter_fsc) - 1)
         return resolution_at(half_set_fsc(self.quarter_fsc), fsc_box, self.apix * self.half_map.shape[-1] / fsc_box,
                              0.143)
@@ -197,8 +203,8 @@ class HalfPass:
 
 def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settings: RefineSettings, *,
               gmm: GaussianMixture | None = None, maxres_A: float | None = None, desc: str = "",
-              work_box: int | None = None, map_box: int | None = None, fsc_box: int | None = None
-              ) -> HalfPass | None:
+              work_box: int | None = None, map_box: int | None = None, fsc_box: int | None = None,
+              quarters: bool = True) -> HalfPass | None:
     """Read the particles of ``half`` in chunks, refine their poses against ``gmm`` (if given) and
     reconstruct the half at the resulting poses.
 
@@ -240,6 +246,8 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
             the box).
         fsc_box: even box of the quarter maps, at most ``map_box`` (None: ``map_box``); the estimate
             cannot pass its Nyquist.
+        quarters: False makes the half map alone (no quarter maps, ``quarter_fsc`` None): a pass whose
+            poses already have their resolution estimate (:func:`full_size_maps`).
 
     Returns:
         :class:`HalfPass` (None on ranks other than 0), its map at ``map_box``.
@@ -309,14 +317,15 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     # Grids alive at once: two quarter grids at fsc_box and, when it is smaller, one at map_box; each
     # is inverted alone (:func:`gmmrefine.reconstruct.invert.map_bytes`). Several processes sum them
     # by all-reduce on the device (NCCL takes GPU tensors only), so they stay there.
-    grids = device if ctx.active else grid_device(device, [fsc_box, fsc_box] + ([map_box] if fsc_box < map_box else []))
-    accs = {q: FourierAccumulator(fsc_box, device=grids) for q in (1, 2)}
-    if fsc_box < map_box:
+    boxes = ([fsc_box, fsc_box] if quarters else []) + ([map_box] if fsc_box < map_box or not quarters else [])
+    grids = device if ctx.active else grid_device(device, boxes)
+    accs = {q: FourierAccumulator(fsc_box, device=grids) for q in ((1, 2) if quarters else ())}
+    if fsc_box < map_box or not quarters:
         accs[0] = FourierAccumulator(map_box, device=grids)
     arrays = (new_angles, new_shift, frc_start, frc_end, precision_deg, precision_A)
     ckpt = None
     if settings.checkpoint_dir is not None:
-        key = pass_key(ps, half, angles_deg, shift_A, gmm, maxres_A, settings, pose, (work_box, map_box, fsc_box))
+        key = pass_key(ps, half, angles_deg, shift_A, gmm, maxres_A, settings, pose, (work_box, map_box, fsc_box, quarters))
         ckpt = Path(settings.checkpoint_dir) / f"{key}.rank{ctx.rank}of{ctx.world_size}.pt"
     first = _resume(ckpt, accs, arrays, lo, hi, grids)
     shards = [distributed.shard(n, block, r, ctx.world_size) for r in range(ctx.world_size)]
@@ -369,7 +378,7 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
                     frc_start[rows] = res.frc_start.cpu().numpy()
                     frc_end[rows] = res.frc_end.cpu().numpy()
                     if res.covariance is not None:
-                        deg, ang = pose_precision(res.covariance, ps.apix)
+                        deg, ang = pose_precision(res.covariance, work_apix)  # translations are in working pixels
                         precision_deg[rows] = deg.cpu().numpy()
                         precision_A[rows] = ang.cpu().numpy()
                     # Insert at the pose as it will be stored (Euler angles), so a reconstruction
@@ -395,7 +404,7 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
                 stale.unlink(missing_ok=True)
     if not ctx.is_main:
         return None
-    quarter = quarter_map_fsc(accs[1], accs[2], symmetry=symmetry)
+    quarter = quarter_map_fsc(accs[1], accs[2], symmetry=symmetry) if quarters else None
     whole = accs.pop(0) if 0 in accs else accs[1].add_(accs.pop(2))
     accs.clear()
     release_free_memory()
@@ -439,6 +448,39 @@ def comparison_inputs(images: torch.Tensor, ctf: torch.Tensor, band, ctf_mode: s
     return target, (full if ctf_mode == "full" else None), rho
 
 
+def _sample_rows(n: int, size: int = SNR_SAMPLE) -> np.ndarray:
+    """``size`` rows of a half (``0..n-1``) spread evenly: the particles a measurement uses."""
+    return np.unique(np.linspace(0, n - 1, min(n, size)).round().astype(np.int64))
+
+
+#: Particles of a half refined against the other half's reference to measure its reference error
+#: (:func:`reference_spread`): the factor's statistical error is about 2 % at 500.
+PRECISION_SAMPLE = 500
+
+
+def _sample_blocks(ps, indices: np.ndarray, rows: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray, band,
+                   ctf_mode: str, device):
+    """Yield ``(rows of the block, target, ctf_band, ctf moments m1, m2, rotations, translations)`` for the
+    particles ``indices[rows]`` at poses ``angles_deg[rows], shift_A[rows]``, at most :data:`CHUNK_BYTES`
+    of images at a time."""
+    from gmmrefine.fourier.fft import crop_projection_spectra, rfft2_centered
+    from gmmrefine.io.particles import read_images
+    from gmmrefine.reconstruct.invert import _ctf_of
+    from gmmrefine.refine.snr import ring_ctf_moments
+
+    step = max(1, CHUNK_BYTES // (ps.box * ps.box * 4))
+    for s in range(0, len(rows), step):
+        part = rows[s:s + step]
+        idx = indices[part]
+        spectra = crop_projection_spectra(rfft2_centered(upload(read_images(ps, idx), device)), band.box)
+        ctf = _ctf_of(ps, idx, device, box=band.box, apix=band.apix)
+        target, ctf_band, _ = comparison_inputs(spectra, ctf, band, ctf_mode, None)
+        rot = euler_to_matrix(torch.as_tensor(angles_deg[part], device=device)).to(torch.float32)
+        t0 = image_translation_px(torch.as_tensor(shift_A[part], device=device), band.apix).to(torch.float32)
+        m1, m2 = ring_ctf_moments(band.gather(ctf), band.ring_index, band.n_rings)
+        yield part, target, ctf_band, m1, m2, rot, t0
+
+
 def measure_ring_snr(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray, gmm: GaussianMixture,
                      band, ctf_mode: str, device) -> torch.Tensor:
     """Per-ring SNR of a half's particles against the half's GMM at their current poses.
@@ -454,28 +496,72 @@ def measure_ring_snr(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: n
     Returns:
         ``(R,)`` float32 on ``device``.
     """
-    from gmmrefine.fourier.fft import crop_projection_spectra, rfft2_centered
-    from gmmrefine.io.particles import read_images
-    from gmmrefine.reconstruct.invert import _ctf_of
-    from gmmrefine.refine.snr import fit_ring_snr, ring_ctf_moments
+    from gmmrefine.refine.snr import fit_ring_snr
 
-    n = len(indices)
-    rows = np.unique(np.linspace(0, n - 1, min(n, SNR_SAMPLE)).round().astype(np.int64))
-    step = max(1, CHUNK_BYTES // (ps.box * ps.box * 4))
     corr, m1s, m2s = [], [], []
-    for s in range(0, len(rows), step):
-        part = rows[s:s + step]
-        idx = indices[part]
-        spectra = crop_projection_spectra(rfft2_centered(upload(read_images(ps, idx), device)), band.box)
-        ctf = _ctf_of(ps, idx, device, box=band.box, apix=band.apix)
-        target, ctf_band, _ = comparison_inputs(spectra, ctf, band, ctf_mode, None)
-        rot = euler_to_matrix(torch.as_tensor(angles_deg[part], device=device)).to(torch.float32)
-        t0 = image_translation_px(torch.as_tensor(shift_A[part], device=device), band.apix).to(torch.float32)
+    for _, target, ctf_band, m1, m2, rot, t0 in _sample_blocks(ps, indices, _sample_rows(len(indices)), angles_deg,
+                                                               shift_A, band, ctf_mode, device):
         corr.append(ring_correlations_at(gmm, target, rot, t0, band, ctf=ctf_band))
-        m1, m2 = ring_ctf_moments(band.gather(ctf), band.ring_index, band.n_rings)
         m1s.append(m1)
         m2s.append(m2)
     return fit_ring_snr(torch.cat(corr), torch.cat(m1s), torch.cat(m2s), ctf_mode).to(torch.float32)
+
+
+def reference_spread(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray, refined: dict,
+                     other_gmm: GaussianMixture, band, settings: RefineSettings) -> dict:
+    """How far a half's poses move when only their reference changes: the reference's share of their error.
+
+    The Fisher information of a pose (:func:`gmmrefine.refine.poses.pose_precision`) counts the noise of
+    the particle's images only; the half's reference adds its own error (its noise, and the distortion
+    the poses it was built from leave in it), which the half cannot see alone: both of its quarter maps
+    share those poses. Measured on the benchmark of issue 16 (adk, SNR 0.03, box 128, 2,000 particles),
+    the Fisher precision alone put the root mean square of error / precision at 1.65 (rotation) and 1.29
+    (shift), the spread between poses refined against two quarter GMMs of a half explained a quarter of
+    the excess, and the spread against the other half's GMM all of it (1.19 and 1.12).
+
+    So, once the last iteration's FSC has compared the halves, a sample of the half's particles
+    (:data:`PRECISION_SAMPLE`) is refined again from the same starting poses, with the same settings, against the
+    other half's GMM. Image noise is common to both results and cancels in their difference; what is left
+    are the two references' errors, independent and alike, so half its mean square is one reference's
+    share: ``k = <|d|^2> / (2 <sigma_Fisher^2>)``, and each particle's precision becomes
+    ``sigma_Fisher sqrt(1 + k)`` (rotation and shift separately). Like the gold-standard FSC this needs
+    both halves; it changes no pose and no map, only the precision reported in ``final/particles.star``.
+
+    Args:
+        ps: the particle set; indices: ``(n,)`` the half's particles.
+        angles_deg, shift_A: ``(n, 3)``, ``(n, 2)`` the poses the last iteration started from.
+        refined: that iteration's ``poses_half{h}.npz`` contents (its poses and Fisher precision).
+        other_gmm: the other half's GMM of that iteration (as the particles were aligned to their own).
+        band: the band of the half's last iteration (its working box).
+        settings: the refinement settings.
+
+    Returns:
+        ``{"k_deg", "k_A", "factor_deg", "factor_A", "spread_rms_deg", "spread_rms_A", "n"}``.
+    """
+    device = torch.device(settings.device)
+    rows = _sample_rows(len(indices), PRECISION_SAMPLE)
+    gmm = other_gmm.to(device=device, dtype=torch.float32)
+    pose = resolve_batch(settings.pose, device, gmm.n, band, ps.box)
+    ring_snr = measure_ring_snr(ps, indices, angles_deg, shift_A, gmm, band, settings.ctf, device)
+    from gmmrefine.refine.snr import expected_correlation
+
+    spread_deg, spread_A = [], []
+    for part, target, ctf_band, m1, m2, rot, t0 in _sample_blocks(ps, indices, rows, angles_deg, shift_A, band,
+                                                                  settings.ctf, device):
+        rho = expected_correlation(ring_snr, m1, m2, settings.ctf)
+        r = refine_poses(gmm, target, rot, t0, band, pose, ctf=ctf_band, rho=rho)
+        own = euler_to_matrix(torch.as_tensor(refined["angles_deg"][part])).to(torch.float64)
+        spread_deg.append(rotation_angle_deg(own, r.rotations.cpu().to(torch.float64)).numpy())
+        moved_px = (r.translation_px - t0).cpu().numpy().astype(np.float64)
+        other_shift = shift_A[part] - moved_px * band.apix   # image translation is minus the origin shift
+        spread_A.append(np.linalg.norm(refined["shift_A"][part] - other_shift, axis=1))
+    d_deg, d_A = np.concatenate(spread_deg), np.concatenate(spread_A)
+    p_deg, p_A = refined["precision_deg"][rows], refined["precision_A"][rows]
+    k_deg = float(np.mean(d_deg**2) / (2 * np.mean(p_deg**2)))
+    k_A = float(np.mean(d_A**2) / (2 * np.mean(p_A**2)))
+    return {"k_deg": k_deg, "k_A": k_A, "factor_deg": math.sqrt(1 + k_deg), "factor_A": math.sqrt(1 + k_A),
+            "spread_rms_deg": float(np.sqrt(np.mean(d_deg**2))), "spread_rms_A": float(np.sqrt(np.mean(d_A**2))),
+            "n": int(len(rows))}
 
 
 # Pose batches per block, the unit of work between two safe points (~2 s on these 2 CPU cores at box
@@ -647,6 +733,7 @@ def load_poses(path: Path) -> dict[str, np.ndarray]:
 
 
 def _resolution_json(path: Path, p: HalfPass, box: int) -> dict:
+    assert p.quarter_fsc is not None  # passes without quarter maps keep their poses' estimate
     info = {"resolution_A": p.resolution_A, "quarter_fsc": p.quarter_fsc.tolist(),
             "corrected_fsc": half_set_fsc(p.quarter_fsc).tolist(), "seconds": p.seconds,
             "n_particles": int(len(p.indices))}
@@ -705,7 +792,9 @@ def health_warnings(previous: dict, current: dict, box: int, apix: float) -> lis
 
 def current_precision(job, ps, k: int) -> dict[str, np.ndarray]:
     """Per-particle precision after iteration ``k`` as ``particles.star`` columns
-    (:data:`PRECISION_COLUMNS`); empty if iteration ``k`` has none (``k = 0``, the paper's optimiser)."""
+    (:data:`PRECISION_COLUMNS`); empty if iteration ``k`` has none (``k = 0``, the paper's optimiser).
+    Each half's own (Fisher) precision, times its reference-error factor once the last iteration has one
+    (``itK/precision.json``, :func:`calibrate_precision`)."""
     if k == 0:
         return {}
     out = {key: np.full(len(ps), np.nan) for key in PRECISION_COLUMNS}
@@ -716,6 +805,13 @@ def current_precision(job, ps, k: int) -> dict[str, np.ndarray]:
                 out[key][d["indices"]] = d[key]
     if not np.isfinite(out["precision_deg"]).any():
         return {}
+    calibration = job.path / it_dir(k) / "precision.json"
+    if calibration.is_file():  # the halves' reference errors, measured after the final FSC
+        factors = json.loads(calibration.read_text())
+        for h in HALVES:
+            rows = ps.half(h)
+            out["precision_deg"][rows] *= factors[str(h)]["factor_deg"]
+            out["precision_A"][rows] *= factors[str(h)]["factor_A"]
     return {PRECISION_COLUMNS[key]: values for key, values in out.items()}
 
 
@@ -791,8 +887,11 @@ def full_size_maps(job, ps, settings: RefineSettings, k: int, done: Callable[...
 
     Iterations reconstruct on their working grids (:func:`working_box`); what the user gets (``final/``,
     focused and patch outputs) is the full-size map at the final poses: one more pass over the
-    particles, without refinement, whose half maps, per-half estimates and gold-standard FSC replace
-    the working-size ones of iteration ``k`` (its pose changes and convergence are kept).
+    particles, without refinement, whose half maps and gold-standard FSC replace the working-size ones
+    of iteration ``k`` (its pose changes and convergence are kept). The per-half estimates stay those of
+    the working grid, made at the same poses: quarter maps at full size would cost two more
+    reconstructions per half (1.7 s of the pass's 4.1 s per half at box 128, 1,000 particles) for an
+    estimate the grid's Nyquist already holds.
     """
     step = f"{it_dir(k)}/full_maps"
     if job.is_done(step):
@@ -804,16 +903,52 @@ def full_size_maps(job, ps, settings: RefineSettings, k: int, done: Callable[...
         for h in HALVES:
             work = job.summary(f"{it_dir(k)}/half{h}/refine").get("work_box") or ps.box
             p = half_pass(ps, h, angles, shifts, settings, desc=f"it{k:03d} full-size map half {h}", map_box=ps.box,
-                          fsc_box=work)
+                          fsc_box=work, quarters=False)
             assert p is not None  # rank 0 gets the pass
             write_map(d / f"half{h}.mrc", p.half_map.numpy(), p.apix)
-            _resolution_json(d / f"half{h}_resolution.json", p, ps.box)
         previous = json.loads((d / "fsc.json").read_text())
         fsc = _gold_fsc(job, k, ps.apix)
         write_json_atomic(d / "fsc.json", previous | fsc | {"working_resolution_A": previous["resolution_A"]})
         job.log(f"iteration {k}: full-size half maps ({ps.box} px): resolution {fsc['resolution_A']:.2f} A "
                 f"(working grid {previous['resolution_A']:.2f} A), {time.perf_counter() - t0:.0f} s")
     done(step, seconds=time.perf_counter() - t0)
+
+
+def calibrate_precision(job, ps, settings: RefineSettings, k: int, done: Callable[..., None],
+                        gmm_transform: Callable[[int, GaussianMixture], GaussianMixture] | None = None) -> None:
+    """Step ``itK/precision``: each half's reference error added to the last iteration's pose precision
+    (:func:`reference_spread`), written to ``itK/precision.json`` and used by :func:`current_precision`
+    for ``final/particles.star``. Nothing to do without a precision (the paper's optimiser)."""
+    step = f"{it_dir(k)}/precision"
+    if job.is_done(step):
+        return
+    d = job.path / it_dir(k)
+    refined = {h: load_poses(d / f"poses_half{h}.npz") for h in HALVES}
+    if not all(np.isfinite(refined[h]["precision_deg"]).any() for h in HALVES):
+        done(step, calibrated=False)
+        return
+    t0 = time.perf_counter()
+    device = torch.device(settings.device)
+    angles, shifts = current_poses(job, ps, k - 1)
+    out = {}
+    for h in HALVES:
+        prev_res = (settings.resolution_start_A if (k == 1 and settings.resolution_start_A)
+                    else _half_resolution(job, k - 1, h))
+        maxres = band_limit(prev_res, settings, ps.apix)
+        work = int(job.summary(f"{it_dir(k)}/half{h}/refine").get("work_box") or ps.box)
+        band = fourier_band(work, ps.apix * ps.box / work, settings.minres_A, maxres, device=device)
+        other = GaussianMixture.load(d / f"gmm_half{3 - h}.npz")
+        if gmm_transform is not None:
+            other = gmm_transform(3 - h, other)
+        indices = ps.half(h)
+        assert np.array_equal(indices, refined[h]["indices"])  # the pass wrote the half in input order
+        out[str(h)] = reference_spread(ps, indices, angles[indices], shifts[indices], refined[h], other, band,
+                                       settings)
+    write_json_atomic(d / "precision.json", out)
+    job.log("pose precision with each half's reference error (measured against the other half's reference, "
+            "after the final FSC): x " + ", ".join(f"{out[str(h)]['factor_deg']:.2f} (rotation) / "
+                                                 f"{out[str(h)]['factor_A']:.2f} (shift) in half {h}" for h in HALVES))
+    done(step, calibrated=True, seconds=time.perf_counter() - t0)
 
 
 #: Largest grid of the maps at the start (when the resolution is not known yet): larger boxes estimate
@@ -995,6 +1130,7 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
         histories.append(json.loads((d / "fsc.json").read_text()))
     if histories[-1]["iteration"] > 0:
         full_size_maps(job, ps, settings, histories[-1]["iteration"], done)
+        calibrate_precision(job, ps, settings, histories[-1]["iteration"], done, gmm_transform)
         histories[-1] = json.loads((job.path / it_dir(histories[-1]["iteration"]) / "fsc.json").read_text())
     return histories
 
