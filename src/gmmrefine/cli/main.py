@@ -18,7 +18,7 @@ import gmmrefine
 from gmmrefine.errors import EXIT_INPUT_ERROR, InputError
 
 # Order in --help: the data flow a user follows.
-ORDER = ["simulate", "reconstruct", "postprocess", "build-gmm", "refine", "hetero", "select", "demo", "info"]
+ORDER = ["simulate", "reconstruct", "postprocess", "build-gmm", "refine", "hetero", "select", "export", "demo", "info"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

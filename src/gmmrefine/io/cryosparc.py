@@ -186,3 +186,84 @@ def read_cs(path: str | os.PathLike, *, project_dir: str | os.PathLike | None = 
         optics_group=tables["particles"]["rlnOpticsGroup"].to_numpy(dtype=np.int64), tables=tables,
         particles_block="particles",
     )
+
+
+#: What cryoSPARC writes in ``blob/sign`` for particles it imports from RELION (the ``.cs`` files in
+#: ``shared/data/real``: an import of RELION particles and an import of an EMPIAR STAR both have -1).
+IMPORTED_BLOB_SIGN = -1.0
+
+
+def cs_uids(image_names: np.ndarray) -> np.ndarray:
+    """``(N,)`` uint64 cryoSPARC uids from image names: the same particle gets the same uid every time it
+    is exported, so exports of one particle set can be joined in cryoSPARC."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(str(name).encode(), digest_size=8).digest(), "little")
+                     for name in image_names], dtype=np.uint64)
+
+
+def write_cs(ps: ParticleSet, path: str | os.PathLike, angles_deg: np.ndarray | None = None,
+             shift_A: np.ndarray | None = None) -> None:
+    """Write a particle set as a cryoSPARC ``.cs`` file with ``cryosparc-tools`` (atomically).
+
+    The fields are those of a cryoSPARC refinement's particles (``blob``, ``ctf``, ``alignments3D``), with
+    the conventions of :mod:`gmmrefine.io.cryosparc` (pose: rotation vector of RELION's matrix transposed;
+    shift: pixels of ``alignments3D/psize_A``, RELION's origin sign; split: half set - 1). ``blob/path`` is
+    each stack's absolute path; cryoSPARC's import matches it by file name in the folder it is given.
+
+    Args:
+        ps: the particle set (its images, CTF and half sets).
+        path: output ``.cs`` file.
+        angles_deg, shift_A: ``(N, 3)`` and ``(N, 2)`` poses (degrees, angstrom); default: the set's own.
+
+    Raises:
+        InputError: ``cryosparc-tools`` is not installed.
+    """
+    try:
+        from cryosparc.dataset import Dataset
+    except ImportError as exc:
+        raise InputError(f"{path}: writing cryoSPARC .cs files needs cryosparc-tools (pip install cryosparc-tools).",
+                         path=str(path)) from exc
+    from gmmrefine.io.atomic import atomic_path
+
+    n = len(ps)
+    angles = np.asarray(ps.angles_deg if angles_deg is None else angles_deg, dtype=np.float64).reshape(n, 3)
+    shifts = np.asarray(ps.shift_A if shift_A is None else shift_A, dtype=np.float64).reshape(n, 2)
+    stacks = np.array([str(Path(f).resolve()) for f in ps.image_files], dtype=object)
+    names = np.char.add(np.char.add(np.asarray(ps.image_index + 1).astype(str), "@"), stacks.astype(str))
+    ctf = ps.ctf
+    f32 = np.float32
+
+    def column(values, shape: tuple[int, ...] = ()) -> np.ndarray:
+        return np.broadcast_to(np.asarray(values, dtype=f32), (n, *shape)).copy()
+
+    zeros2, zeros4 = np.zeros((n, 2), f32), np.zeros((n, 4), f32)
+    fields = {
+        "uid": cs_uids(names),
+        "blob/path": stacks,
+        "blob/idx": np.asarray(ps.image_index, dtype=np.uint32),
+        "blob/shape": np.tile(np.array([ps.box, ps.box], dtype=np.uint32), (n, 1)),
+        "blob/psize_A": column(ps.apix),
+        "blob/sign": column(IMPORTED_BLOB_SIGN),
+        "ctf/type": np.full(n, "imported", dtype=object),
+        "ctf/exp_group_id": np.asarray(ps.optics_group, dtype=np.uint32),
+        "ctf/accel_kv": column(ctf.voltage_kV),
+        "ctf/cs_mm": column(ctf.cs_mm),
+        "ctf/amp_contrast": column(ctf.amplitude_contrast),
+        "ctf/df1_A": column(ctf.defocus_u_A),
+        "ctf/df2_A": column(ctf.defocus_v_A),
+        "ctf/df_angle_rad": column(np.deg2rad(np.asarray(ctf.defocus_angle_deg, dtype=np.float64))),
+        "ctf/phase_shift_rad": column(np.deg2rad(np.asarray(ctf.phase_shift_deg, dtype=np.float64))),
+        "ctf/scale": column(ctf.scale),
+        "ctf/scale_const": column(0.0),
+        "ctf/shift_A": zeros2, "ctf/tilt_A": zeros2.copy(), "ctf/trefoil_A": zeros2.copy(),
+        "ctf/tetra_A": zeros4, "ctf/anisomag": zeros4.copy(),
+        "ctf/bfactor": column(ctf.bfactor_A2),
+        "alignments3D/split": (np.asarray(ps.subset, dtype=np.int64) - 1).astype(np.uint32),
+        "alignments3D/shift": (shifts / ps.apix).astype(f32),
+        "alignments3D/pose": pose_from_relion_angles(angles).astype(f32),
+        "alignments3D/psize_A": column(ps.apix),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        Dataset(fields).save(fh)
