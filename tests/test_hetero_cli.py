@@ -178,7 +178,9 @@ def test_job_defaults_keep_half1_independent_of_half2(data, tmp_path):
     sb = json.loads((b / "hj" / "summary.json").read_text())
     assert sa["settings"]["half_maxres_A"] == [12.0, 14.0] and sb["settings"]["half_maxres_A"] == [12.0, 10.0]
     half1 = sorted(p.name for p in (a / "hj").iterdir() if "half1" in p.name)
-    assert len(half1) == 4, half1  # networks, PC1 model series and the two PC1 maps
+    # networks, PC1 model series, the two PC1 maps, the 7 maps of the PC1 volume series, and per k-means
+    # cluster its reconstruction and decoder map
+    assert len(half1) == 4 + 7 + 2 * 4, half1
     for name in half1:
         if name.endswith(".pt"):  # the zip's folder name comes from the atomic write's temporary name
             na, nb = (torch.load(j / "hj" / name, weights_only=False) for j in (a, b))
@@ -199,6 +201,7 @@ def test_job_defaults_keep_half1_independent_of_half2(data, tmp_path):
         return [untimed(v) for v in x] if isinstance(x, list) else x
 
     assert untimed(sa["halves"]["1"]) == untimed(sb["halves"]["1"])
+    assert sa["clusters"]["sizes"]["1"] == sb["clusters"]["sizes"]["1"]
     ps = read_particles(sim / "particles.star")
     la, lb = np.load(a / "hj" / "latent.npy"), np.load(b / "hj" / "latent.npy")
     assert np.array_equal(la[ps.half(1)], lb[ps.half(1)])
@@ -244,3 +247,42 @@ def test_select_writes_a_subset_relion_reads(data, tmp_path):
     assert cli_main(["select", "--hetero", str(out), "--pc1-range", "1", "-1", "--out", str(tmp_path / "x.star")]) == 2
     assert cli_main(["select", "--hetero", str(tmp_path), "--cluster", "1", "--out", str(tmp_path / "x.star")]) == 2
     assert not (tmp_path / "x.star").exists()
+
+
+def test_cluster_maps_select_and_chimerax_series(data, tmp_path):
+    """Per half and k-means cluster: a column, a decoder map and a reconstruction of exactly that cluster's
+    particles (the same map `select --cluster` + `reconstruct` make from them, to FSC 0.95 over the band);
+    and a ChimeraX script whose volume series name files that exist."""
+    import re
+
+    from gmmrefine.fourier.fft import downsample_map
+    from gmmrefine.fourier.fsc import fourier_shell_correlation
+    from gmmrefine.hetero.outputs import CLUSTERS
+
+    root, sim, out, _ = data
+    star = read_star(out / "particles.star")["particles"]
+    labels, subset = star["gmmLatentCluster"].to_numpy(np.int64), star["rlnRandomSubset"].to_numpy()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clusters"]["k"] == CLUSTERS
+    for h in (1, 2):
+        assert sorted(set(labels[subset == h])) == list(range(1, CLUSTERS + 1))
+        assert summary["clusters"]["sizes"][str(h)] == {str(c): int(((labels == c) & (subset == h)).sum())
+                                                        for c in range(1, CLUSTERS + 1)}
+        for c in range(1, CLUSTERS + 1):
+            assert (out / f"cluster_half{h}_k{c}_gmm.mrc").is_file()
+    # select --cluster picks the job's own clusters
+    assert cli_main(["select", "--hetero", str(out), "--cluster", "2", "--out", str(tmp_path / "c2.star")]) == 0
+    chosen = read_star(tmp_path / "c2.star")["particles"]
+    assert np.array_equal(chosen["rlnImageName"].to_numpy(), star["rlnImageName"].to_numpy()[labels == 2])
+    assert cli_main(["reconstruct", "--particles", str(tmp_path / "c2.star"), "--out", str(tmp_path / "rec"),
+                     "--half", "1"]) == 0
+    ours, apix = read_map(out / "cluster_half1_k2.mrc")
+    theirs = downsample_map(torch.as_tensor(read_map(tmp_path / "rec" / "half1.mrc")[0]), ours.shape[-1])
+    fsc = fourier_shell_correlation(torch.as_tensor(ours), theirs)
+    band_shells = int(ours.shape[-1] * apix / summary["settings"]["maxres_A"])
+    assert float(fsc[1:band_shells + 1].min()) > 0.95, fsc
+    script = (out / "pc1_series.cxc").read_text()
+    patterns = re.findall(r"open (\S+) vseries true", script)
+    assert len(patterns) == 2 and "vseries play #2" in script
+    for p in patterns:
+        assert len(list(out.glob(p))) == 7

@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--pc1-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                      help="PC1 score range, in standard deviations of the particle's own half")
     how.add_argument("--cluster", type=int, help="k-means cluster to keep, 1..--clusters, in order of mean PC1")
-    parser.add_argument("--clusters", type=int, default=4, help="k-means clusters per half (with --cluster)")
+    from gmmrefine.hetero.outputs import CLUSTERS
+
+    parser.add_argument("--clusters", type=int, default=CLUSTERS,
+                        help="k-means clusters per half (with --cluster); the job's own clusters (its cluster maps) "
+                             "when it is the number the job made, else k-means anew")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed")
     parser.add_argument("--out", type=Path, required=True, help="output STAR file")
 
@@ -45,25 +49,8 @@ def pc1_in_sd(pc1: np.ndarray, subset: np.ndarray) -> np.ndarray:
     return out
 
 
-def cluster_labels(latents: np.ndarray, pc1: np.ndarray, subset: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """k-means labels 1..k per half, numbered by the clusters' mean PC1 score (each half on its own)."""
-    from sklearn.cluster import KMeans
-
-    labels = np.zeros(len(latents), dtype=np.int64)
-    for h in (1, 2):
-        rows = np.flatnonzero(subset == h)
-        if len(rows) < k:
-            raise InputError(f"--clusters {k}: half {h} has only {len(rows)} particles.", field="--clusters")
-        raw = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(latents[rows])
-        order = np.argsort([pc1[rows][raw == c].mean() for c in range(k)])
-        rank = np.empty(k, dtype=np.int64)
-        rank[order] = np.arange(1, k + 1)
-        labels[rows] = rank[raw]
-    return labels
-
-
 def main(args) -> int:
-    from gmmrefine.hetero.outputs import LATENT_COLUMN, PC1_COLUMN
+    from gmmrefine.hetero.outputs import CLUSTER_COLUMN, LATENT_COLUMN, PC1_COLUMN, cluster_labels
     from gmmrefine.io.star import read_star, write_star
 
     star = args.hetero / "particles.star"
@@ -98,7 +85,12 @@ def main(args) -> int:
             raise InputError(f"--cluster/--clusters: expected 1 <= cluster <= clusters and clusters >= 2, got "
                              f"{args.cluster} of {args.clusters}.", field="--cluster")
         latents = df[latent_columns].to_numpy(dtype=np.float64)
-        keep = cluster_labels(latents, pc1, subset, args.clusters, args.seed) == args.cluster
+        own = df[CLUSTER_COLUMN].to_numpy(dtype=np.int64) if CLUSTER_COLUMN in df.columns else None
+        if own is not None and int(own.max()) == args.clusters and args.seed == 0:
+            labels = own  # the clusters whose maps the job wrote
+        else:
+            labels = cluster_labels(latents, pc1, subset, args.clusters, args.seed)
+        keep = labels == args.cluster
         what = f"k-means cluster {args.cluster} of {args.clusters} per half"
     if not keep.any():
         raise InputError(f"{star}: no particle has {what}; nothing written.", path=str(star), field="selection")

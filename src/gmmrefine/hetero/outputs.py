@@ -19,7 +19,10 @@ from gmmrefine.refine.job_outputs import HeteroInputs
 
 LATENT_COLUMN = "gmmLatent{k}"          # 1-based
 PC1_COLUMN = "gmmLatentPC1"             # PC1 score within the particle's own half
+CLUSTER_COLUMN = "gmmLatentCluster"     # k-means cluster within the particle's own half, 1..CLUSTERS by mean PC1
 TRAJECTORY_SD = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+#: k-means clusters of each half's latents a hetero job writes maps of (and ``select --cluster`` picks from).
+CLUSTERS = 4
 
 
 def default_maxres_A(resolution_A: float | None, apix: float) -> float:
@@ -39,6 +42,34 @@ def pc_trajectory(latents: np.ndarray, component: int = 0, sd: tuple[float, ...]
     _, comps, mean, var = pca(latents)
     step = np.sqrt(max(float(var[component]), 0.0))
     return np.stack([mean + t * step * comps[component] for t in sd]).astype(np.float32)
+
+
+def cluster_labels(latents: np.ndarray, pc1: np.ndarray, subset: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means labels ``1..k`` of each half's latents, numbered by the clusters' mean PC1 score.
+
+    Args:
+        latents: ``(N, L)``; pc1: ``(N,)`` PC1 scores within each half; subset: ``(N,)`` half sets (1, 2;
+            other values are left out, label 0).
+        k: clusters per half; seed: k-means seed.
+
+    Raises:
+        InputError: a half has fewer than ``k`` particles.
+    """
+    from sklearn.cluster import KMeans
+
+    from gmmrefine.errors import InputError
+
+    labels = np.zeros(len(latents), dtype=np.int64)
+    for h in (1, 2):
+        rows = np.flatnonzero(subset == h)
+        if len(rows) < k:
+            raise InputError(f"--clusters {k}: half {h} has only {len(rows)} particles.", field="--clusters")
+        raw = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(np.asarray(latents)[rows])
+        order = np.argsort([pc1[rows][raw == c].mean() for c in range(k)])
+        rank = np.empty(k, dtype=np.int64)
+        rank[order] = np.arange(1, k + 1)
+        labels[rows] = rank[raw]
+    return labels
 
 
 def write_multimodel_pdb(gmms: list[GaussianMixture], path: Path, *, box: int, apix: float) -> None:
@@ -105,15 +136,23 @@ def _pyplot():
     return plt
 
 
-def plot_latent_pca(results: dict[int, HalfResult], path: Path) -> None:
-    """PC1 against PC2 of each half's latents (one panel per half)."""
+def plot_latent_pca(results: dict[int, HalfResult], path: Path, labels: np.ndarray | None = None) -> None:
+    """PC1 against PC2 of each half's latents (one panel per half), coloured by k-means cluster
+    (``labels``: ``(N,)`` per particle, :func:`cluster_labels`) if given."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4.2), squeeze=False)
     for ax, (h, r) in zip(axes[0], sorted(results.items())):
         scores, _, _, var = pca(r.latents)
         frac = var / max(var.sum(), 1e-30)
         y = scores[:, 1] if scores.shape[1] > 1 else np.zeros(len(scores))
-        ax.scatter(scores[:, 0], y, s=4, alpha=0.5)
+        if labels is None:
+            ax.scatter(scores[:, 0], y, s=4, alpha=0.5)
+        else:
+            mine = labels[r.indices]
+            for c in np.unique(mine):
+                sel = mine == c
+                ax.scatter(scores[sel, 0], y[sel], s=4, alpha=0.6, label=f"cluster {c} ({int(sel.sum())})")
+            ax.legend(fontsize=7, markerscale=3)
         ax.set_xlabel(f"PC1 ({100 * frac[0]:.0f} % of variance)")
         ax.set_ylabel(f"PC2 ({100 * frac[1]:.0f} % of variance)" if len(frac) > 1 else "(one latent dimension)")
         ax.set_title(f"half {h}: {len(scores)} particles")
@@ -160,7 +199,12 @@ particles at their consensus poses.</p>
 <code>particles.star</code> (columns {html.escape(LATENT_COLUMN.format(k='1..L'))} and {PC1_COLUMN}),
 <code>pc1_half{{1,2}}.pdb</code> (decoded GMMs along PC1 at {', '.join(f'{t:g}' for t in TRAJECTORY_SD)} standard
 deviations: a movie in ChimeraX with <code>mseries</code>), <code>pc1_half{{1,2}}_{{minus,plus}}2sd.mrc</code>
-(maps of the decoded GMMs at the ends), <code>networks_half{{1,2}}.pt</code>, <code>summary.json</code>.</p>
+(maps of the decoded GMMs at the ends), <code>pc1_series.cxc</code> (open it in ChimeraX: each half's maps along
+PC1, <code>pc1_half{{1,2}}_series_NN.mrc</code>, play as a volume series), per half and k-means cluster
+(column {CLUSTER_COLUMN}, coloured in the plot above; <code>gmmrefine select --cluster K</code> picks one)
+<code>cluster_half{{1,2}}_kK.mrc</code> (the cluster's particles reconstructed: real density) and
+<code>cluster_half{{1,2}}_kK_gmm.mrc</code> (the decoder at the cluster's mean latent),
+<code>networks_half{{1,2}}.pt</code>, <code>summary.json</code>.</p>
 </body></html>
 """
     path = out / "report.html"
@@ -203,14 +247,23 @@ def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: Heter
             "seconds": r.seconds, "history": r.history,
         }
     extra[PC1_COLUMN] = pc1
+    subset = np.zeros(len(ps), dtype=np.int64)
+    for h, r in results.items():
+        subset[r.indices] = h
+    k = min([CLUSTERS] + [len(r.indices) for r in results.values()])
+    labels = cluster_labels(table, pc1, subset, k, seed=0) if k >= 2 and len(results) == 2 else None
+    if labels is not None:
+        extra[CLUSTER_COLUMN] = labels
     write_particles_star(ps, out / "particles.star", ps.angles_deg, ps.shift_A, extra=extra,
                          absolute_image_paths=True)
-    plot_latent_pca(results, out / "latent_pca.png")
+    plot_latent_pca(results, out / "latent_pca.png", labels)
+    clusters = write_cluster_maps(out, ps, results, settings, labels) if labels is not None else {}
+    write_chimerax_series(out, ps, results)
     plot_training_curves(results, out / "training_curves.png")
     summary = {
         "particles": str(inputs.particles), "gmms": {str(h): str(p) for h, p in inputs.gmms.items()},
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
-        "halves": per_half,
+        "halves": per_half, "clusters": {"k": k if labels is not None else 0, "sizes": clusters},
     }
     write_json_atomic(out / "summary.json", summary)
     counts = ", ".join(f"half {h}: {v['n_particles']}" for h, v in per_half.items())
@@ -226,6 +279,62 @@ def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: Heter
             f"{100 * v['explained_variance_fraction'][0]:.0f} % / {v['pc1_rms_motion_A_at_2sd']:.2f} A")
     write_report(out, {"table": table_rows, "n_coarse": settings.n_coarse})
     return summary
+
+
+def write_cluster_maps(out: Path, ps, results: dict[int, HalfResult], settings: HeteroSettings,
+                       labels: np.ndarray) -> dict:
+    """Maps of each half's k-means clusters (``labels``, :func:`cluster_labels`), two kinds per cluster:
+    ``cluster_half{h}_k{c}_gmm.mrc``, the half's decoder at the cluster's mean latent (what the model says),
+    and ``cluster_half{h}_k{c}.mrc``, the cluster's own particles reconstructed at their consensus poses
+    (real density, CTF-weighted as ``refine`` reconstructs; on the grid of the half's band, pixel size in
+    the header). One pass over each half's images fills every cluster's grid. Returns per-half cluster
+    sizes."""
+    import dataclasses
+
+    from gmmrefine.io.mrc import write_map
+    from gmmrefine.reconstruct.insert import FourierAccumulator
+    from gmmrefine.reconstruct.invert import accumulate_halves, reconstruct_maps_low_memory
+    from gmmrefine.refine.global_refine import working_box
+
+    info = {}
+    for h, r in sorted(results.items()):
+        mine = labels[r.indices]
+        clusters = [int(c) for c in np.unique(mine) if c > 0]
+        means = torch.as_tensor(np.stack([r.latents[mine == c].mean(0) for c in clusters]), dtype=torch.float32)
+        for c, gmm in zip(clusters, r.decoder.decode_gmm(means)):
+            write_map(out / f"cluster_half{h}_k{c}_gmm.mrc", gmm.render_map(ps.box, ps.apix).numpy(), ps.apix)
+        work = working_box(ps.box, ps.apix, settings.for_half(h).maxres_A)
+        by_cluster = dataclasses.replace(ps, subset=np.where(np.isin(np.arange(len(ps)), r.indices), labels, 0))
+        accs = {c: FourierAccumulator(work, device=settings.device) for c in clusters}
+        accs = accumulate_halves(by_cluster, ctf_mode="wiener", halves=tuple(clusters), device=settings.device,
+                                 progress=settings.progress, accs=accs)
+        for c, m in reconstruct_maps_low_memory(accs).items():
+            write_map(out / f"cluster_half{h}_k{c}.mrc", m.cpu().numpy(), ps.apix * ps.box / work)
+        info[str(h)] = {str(c): int((mine == c).sum()) for c in clusters}
+    return info
+
+
+def write_chimerax_series(out: Path, ps, results: dict[int, HalfResult]) -> Path:
+    """``pc1_half{h}_series_NN.mrc`` (the decoder's maps along PC1 at :data:`TRAJECTORY_SD`) and
+    ``pc1_series.cxc``, a ChimeraX script that opens each half's maps as a volume series and plays them
+    (``open pc1_series.cxc`` in ChimeraX; it runs in its own folder)."""
+    from gmmrefine.io.mrc import write_map
+
+    lines = ["# gmmrefine hetero: each half's maps along latent PC1 "
+             f"({', '.join(f'{t:g}' for t in TRAJECTORY_SD)} sd) as a volume series"]
+    for model, (h, r) in enumerate(sorted(results.items()), start=1):
+        gmms = r.decoder.decode_gmm(torch.as_tensor(pc_trajectory(r.latents)))
+        maps = [g.render_map(ps.box, ps.apix).numpy() for g in gmms]
+        for i, m in enumerate(maps):
+            write_map(out / f"pc1_half{h}_series_{i:02d}.mrc", m, ps.apix)
+        level = float(np.percentile(maps[len(maps) // 2], 99.0))  # about the top 1 % of voxels: the particle
+        lines += [f"open pc1_half{h}_series_*.mrc vseries true",
+                  f"volume #{model} level {level:.4g}",
+                  f"vseries play #{model} loop true direction oscillate"]
+    lines.append("tile")
+    path = out / "pc1_series.cxc"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
 
 
 def write_domain_outputs(out: Path, ps, results: dict[int, HalfResult], settings: HeteroSettings,

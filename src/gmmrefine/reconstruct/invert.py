@@ -423,6 +423,7 @@ def accumulate_halves(
     device: torch.device | str = "cpu",
     progress: bool = True,
     particles: np.ndarray | None = None,
+    accs: dict[int, FourierAccumulator] | None = None,
 ) -> dict[int, FourierAccumulator]:
     """Accumulators of the half sets of a particle set, streamed from disk in chunks (no symmetry:
     impose it with ``reconstruct_map(acc, symmetry=symmetry_matrices(sym))``).
@@ -439,6 +440,8 @@ def accumulate_halves(
         progress: show a progress bar (hidden when not on a terminal).
         particles: indices of the particles to insert (e.g. one process's shard), in input order;
             default: every particle of ``halves``.
+        accs: the accumulators to fill, one per half set (new full-size ones by default); one of a smaller
+            box gets the images Fourier-cropped (:func:`accumulate_images`).
 
     Raises:
         InputError: empty particle set or half set, poses of the wrong shape or not finite, unknown
@@ -482,7 +485,8 @@ def accumulate_halves(
         finally:
             bar.close()
 
-    accs = accumulate_images(chunks(), ps.box, ps.apix, ctf_mode=ctf_mode, halves=halves, pad=pad, device=device)
+    accs = accumulate_images(chunks(), ps.box, ps.apix, ctf_mode=ctf_mode, halves=halves, pad=pad, device=device,
+                             accs=accs)
     release_free_memory()
     return accs
 
