@@ -314,10 +314,10 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     lo, hi = distributed.shard(n, block)
     my_blocks = [(s, min(s + block, hi)) for s in range(lo, hi, block)]
     n_steps = distributed.max_blocks(n, block)
-    # Grids alive at once: two quarter grids at fsc_box (unless quarters=False) and, when it is smaller or
-    # there are no quarters, one at map_box; each
-    # is inverted alone (:func:`gmmrefine.reconstruct.invert.map_bytes`). Several processes sum them
-    # by all-reduce on the device (NCCL takes GPU tensors only), so they stay there.
+    # Grids alive at once: two quarter grids at fsc_box (unless quarters=False) and, when it is smaller
+    # or there are no quarters, one at map_box; each is inverted alone
+    # (:func:`gmmrefine.reconstruct.invert.map_bytes`). Several processes sum them by all-reduce on the
+    # device (NCCL takes GPU tensors only), so they stay there.
     boxes = ([fsc_box, fsc_box] if quarters else []) + ([map_box] if fsc_box < map_box or not quarters else [])
     grids = device if ctx.active else grid_device(device, boxes)
     accs = {q: FourierAccumulator(fsc_box, device=grids) for q in ((1, 2) if quarters else ())}
