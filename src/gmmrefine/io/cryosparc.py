@@ -229,7 +229,8 @@ def write_cs(ps: ParticleSet, path: str | os.PathLike, angles_deg: np.ndarray | 
     n = len(ps)
     angles = np.asarray(ps.angles_deg if angles_deg is None else angles_deg, dtype=np.float64).reshape(n, 3)
     shifts = np.asarray(ps.shift_A if shift_A is None else shift_A, dtype=np.float64).reshape(n, 2)
-    stacks = np.array([str(Path(f).resolve()) for f in ps.image_files], dtype=object)
+    files, inverse = np.unique(np.asarray(ps.image_files).astype(str), return_inverse=True)
+    stacks = np.array([str(Path(f).resolve()) for f in files], dtype=object)[inverse.reshape(-1)]  # once per stack
     names = np.char.add(np.char.add(np.asarray(ps.image_index + 1).astype(str), "@"), stacks.astype(str))
     ctf = ps.ctf
     f32 = np.float32
