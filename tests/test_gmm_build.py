@@ -120,3 +120,27 @@ def test_estimated_number_of_gaussians_never_exceeds_the_voxels_to_seed_from():
     assert count == 64
     gmm, info = build_gmm(vol, 1.0, 2.0, seed=0, steps=5)
     assert gmm.n == count and info["seeding"] == "k-means"
+
+
+def test_noisy_map_in_a_large_box_seeds_near_the_molecule_and_fits_in_a_cropped_box(adk_open_pdb, monkeypatch):
+    """A half map's solvent noise does not get Gaussians, and fitting in the molecule's box loses nothing."""
+    import gmmrefine.gmm.build as build
+
+    box, apix, res = 96, 1.5, 5.0
+    clean, atoms = _adk_map(adk_open_pdb, box, apix, res)
+    gen = torch.Generator().manual_seed(1)
+    noisy = clean + low_pass(torch.randn(box, box, box, generator=gen), res, apix) * (2.0 * float(clean.std()))
+    extent_A = float(np.abs(atoms - (box // 2) * apix).max())
+    gmm, info = build_gmm(noisy, apix, res, seed=0)
+    outside = (gmm.centers_A.abs().amax(-1) > extent_A + res).float().mean()
+    print(f"N={info['n']} fit box {info['fit_box']} of {box}, {float(outside):.3%} beyond the molecule")
+    assert float(outside) <= 0.01
+    assert info["fit_box"] <= 0.75 * box
+    truth_cropped = _fsc_floor(map_gmm_fsc(gmm, clean, apix), box, apix, 8.0)
+    # the same start fitted in the whole box
+    monkeypatch.setattr(build, "fit_box", lambda volume, *args, **kwargs: volume.shape[-1])
+    whole, info_whole = build_gmm(noisy, apix, res, seed=0)
+    assert info_whole["fit_box"] == box
+    truth_whole = _fsc_floor(map_gmm_fsc(whole, clean, apix), box, apix, 8.0)
+    print(f"FSC to the noise-free map (lowest to 8 A): cropped {truth_cropped:.3f}, whole box {truth_whole:.3f}")
+    assert truth_cropped >= truth_whole - 0.01

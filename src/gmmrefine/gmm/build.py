@@ -3,9 +3,16 @@
 N is given, or the number of non-hydrogen atoms of a model, or estimated so that the mean
 nearest-neighbour distance of the k-means seeds is half the target resolution (see
 ``NN_FRACTION_OF_RESOLUTION``). Centres are seeded by
-density-weighted k-means of the voxels above a threshold, or from the model's atoms randomised at the
-target resolution (so the model does not bias the result), or warm-started from a previous GMM. Then
-centres, amplitudes and widths are fitted with Adam.
+density-weighted k-means of the voxels above a threshold near the molecule (:func:`molecule_region`,
+grown by a margin), or from the model's atoms randomised at the target resolution (so the model does
+not bias the result), or warm-started from a previous GMM. Then centres, amplitudes and widths are
+fitted with Adam, in the centred box that holds the molecule and the Gaussians (:func:`fit_box`).
+Measured on the box-256 benchmark (an adk O assembly, half maps of 1,000 particles, working grid 180 px
+at 1.42 A/px): seeds taken from the whole map put 1,835 of 6,631 Gaussians in the solvent; near the
+molecule, 35. A fresh fit at 4.3 A took 23 s instead of 54 s (fit box 74 px instead of 120) and the
+next iteration's warm-started one 16 s instead of 50 s (110 px instead of 180), and the GMMs came closer
+to the noise-free map: mean FSC over the band 0.949 / 0.958 instead of 0.934 / 0.925, over its last 5
+shells 0.841 / 0.865 instead of 0.827 / 0.755.
 
 Fit in 3D Fourier space, not on projections: the map's transform is known exactly on the grid, so the
 GMM is fitted to the map directly, restricted to ``|k| <= 1/resolution`` and with each shell weighted by
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from gmmrefine.errors import InputError
 from gmmrefine.fourier.fft import rfft3_centered
@@ -191,6 +199,16 @@ def estimate_n(volume: torch.Tensor, apix: float, resolution_A: float, *, thresh
     adk set (box 96, 1.2 A/px): 64,590 / 38,040 A^3 above the threshold at 3 A (start / after two
     iterations) but 37,722 / 36,649 A^3 at 8 A, as the noise-free map (36,897 A^3).
     """
+    pick = molecule_region(volume, apix, resolution_A, threshold=threshold, mask=mask)
+    volume_A3 = float(pick.sum()) * apix**3
+    spacing = spacing_fraction * resolution_A
+    return max(1, int(round(volume_A3 * (_NN_FACTOR / spacing) ** 3)))
+
+
+def molecule_region(volume: torch.Tensor, apix: float, resolution_A: float, *, threshold: float | None = None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(D, D, D)`` bool: the voxels above ``threshold`` (default mean + 1.5 sd, inside ``mask``) of the
+    map low-passed to ``VOLUME_LOWPASS_A`` when it is finer (see :func:`estimate_n`)."""
     from gmmrefine.fourier.filters import low_pass
 
     vol = volume.detach().cpu().to(torch.float32)
@@ -198,12 +216,76 @@ def estimate_n(volume: torch.Tensor, apix: float, resolution_A: float, *, thresh
         vol = low_pass(vol, VOLUME_LOWPASS_A, apix)
     vol = vol.to(torch.float64)
     region = torch.ones_like(vol, dtype=torch.bool) if mask is None else mask.detach().cpu() > 0.5
-    values = vol[region]
     if threshold is None:
+        values = vol[region]
         threshold = float(values.mean() + 1.5 * values.std())
-    volume_A3 = float((region & (vol > threshold)).sum()) * apix**3
-    spacing = spacing_fraction * resolution_A
-    return max(1, int(round(volume_A3 * (_NN_FACTOR / spacing) ** 3)))
+    above = (region & (vol > threshold)).numpy()
+    # Noise speckles of a noisy map can pass the threshold even at 8 A; they are small islands, the
+    # molecule's pieces are not.
+    labels, count = ndimage.label(above)
+    if count > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        keep = sizes >= _MIN_PIECE_FRACTION * sizes.max()
+        above = keep[labels]
+    return torch.from_numpy(above)
+
+
+# Connected pieces of the thresholded map smaller than this fraction of the largest are noise (molecule_region).
+_MIN_PIECE_FRACTION = 0.05
+# Margin (A) around the molecule and the Gaussians of the box a GMM is fitted in: the Gaussians' tails
+# (widths ~0.3 x the resolution) and the map's blur at the fit resolution stay inside, with room.
+_FIT_MARGIN_A = 5.0
+_FIT_MARGIN_RESOLUTIONS = 2.0
+# Fraction of the molecule's voxels (and of the Gaussians) the fit box must hold: a few noise speckles
+# far out do not widen it.
+_FIT_EXTENT_QUANTILE = 0.998
+
+
+def fit_box(volume: torch.Tensor, apix: float, resolution_A: float, centers_A: torch.Tensor, *,
+            threshold: float | None = None) -> int:
+    """Even edge (voxels) of the centred cube that holds the molecule and the Gaussians with a margin.
+
+    The fit's cost grows as ``N K^3`` with ``K = D apix / resolution`` the band's radius in Fourier
+    voxels, so it follows the edge of the box, not the band: a map cropped in real space to the molecule
+    is sampled more coarsely in Fourier space, and nothing inside it is lost. Measured at box 256 (1 A/px,
+    an adk O assembly of ~140 A, working grid 180 px at 4.0 A): the fit box is 118 px.
+
+    Args:
+        volume: ``(D, D, D)`` map; centers_A: ``(N, 3)`` Gaussian centres, A from the box centre.
+
+    Returns:
+        ``D`` itself when the crop would save little (under 10 % of the edge).
+    """
+    box = volume.shape[-1]
+    zyx = torch.nonzero(molecule_region(volume, apix, resolution_A, threshold=threshold))
+    extents = [(zyx.to(torch.float64) - box // 2).abs().amax(-1) * apix] if zyx.numel() else []
+    if centers_A.numel():
+        extents.append(centers_A.detach().cpu().to(torch.float64).abs().amax(-1))
+    if not extents:
+        return box
+    half_A = max(float(torch.quantile(e, _FIT_EXTENT_QUANTILE)) for e in extents)
+    half_A += _FIT_MARGIN_A + _FIT_MARGIN_RESOLUTIONS * resolution_A
+    size = 2 * math.ceil(half_A / apix)
+    return box if size > 0.9 * box else size
+
+
+def dilate(region: torch.Tensor, radius_px: int) -> torch.Tensor:
+    """A ``(D, D, D)`` bool region grown by ``radius_px`` voxels along each axis (a cube, three 1D passes)."""
+    if radius_px <= 0:
+        return region
+    grid = region[None, None].to(torch.float32)
+    k = 2 * radius_px + 1
+    for kernel in ((k, 1, 1), (1, k, 1), (1, 1, k)):
+        pad = tuple(x // 2 for x in kernel)
+        grid = torch.nn.functional.max_pool3d(grid, kernel, stride=1, padding=pad)
+    return grid[0, 0] > 0.5
+
+
+def crop_centred(volume: torch.Tensor, size: int) -> torch.Tensor:
+    """The centred ``(size,)*3`` cube of a ``(D, D, D)`` map; voxel ``D // 2`` becomes ``size // 2``."""
+    start = volume.shape[-1] // 2 - size // 2
+    return volume[start:start + size, start:start + size, start:start + size]
 
 
 def build_gmm(volume, apix: float, resolution_A: float, *, n: int | None = None, model_atoms=None,
@@ -225,7 +307,8 @@ def build_gmm(volume, apix: float, resolution_A: float, *, n: int | None = None,
         steps: Adam steps.
 
     Returns:
-        ``(gmm, info)``; info has ``n``, ``seeding``, ``fit_seconds``, ``fsc`` (per shell, float list),
+        ``(gmm, info)``; info has ``n``, ``seeding``, ``fit_box`` (the edge of the centred cube the fit
+        ran in, :func:`fit_box`), ``fit_seconds``, ``fsc`` (per shell, float list),
         ``resolution_fsc09_A`` (where the map-GMM FSC falls below 0.9), ``loss``.
     """
     t0 = time.perf_counter()
@@ -270,10 +353,25 @@ def build_gmm(volume, apix: float, resolution_A: float, *, n: int | None = None,
         amps = None
         seeding = "model atoms"
     else:
+        # Seeds only near the molecule: the noise of a half map filtered to high resolution puts voxels above
+        # the threshold all over the solvent (measured at box 256, 4.3 A: 28 % of 6,631 Gaussians seeded
+        # beyond the molecule's extent), Gaussians that fit noise and cost time in every projection.
+        values = vol[mask_t > 0.5] if mask_t is not None else vol
+        seed_threshold = float(values.mean() + 1.5 * values.std()) if threshold is None else threshold
+        near = molecule_region(vol, apix, resolution_A, threshold=threshold, mask=mask_t)
+        seed_mask = dilate(near, math.ceil((_FIT_MARGIN_A + resolution_A) / apix))
+        if mask_t is not None:
+            seed_mask &= mask_t.detach().cpu() > 0.5
+        if count_seed_voxels(vol, threshold=seed_threshold, mask=seed_mask) < (n or 1):
+            seed_mask = mask_t    # too few voxels near the molecule for the Gaussians asked for
+
+        def seeds(count: int) -> np.ndarray:
+            return seed_kmeans(vol, apix, count, threshold=seed_threshold, mask=seed_mask, seed=seed)
+
         if n is None:
-            n_voxels = count_seed_voxels(vol, threshold=threshold, mask=mask_t)
+            n_voxels = count_seed_voxels(vol, threshold=seed_threshold, mask=seed_mask)
             n = min(estimate_n(vol, apix, resolution_A, threshold=threshold, mask=mask_t), n_voxels)
-            c = seed_kmeans(vol, apix, n, threshold=threshold, mask=mask_t, seed=seed)
+            c = seeds(n)
             # One Gaussian has no neighbour (spacing infinite): ask for every voxel, capped below.
             nn = mean_nearest_neighbour_A(c) if n > 1 else math.inf
             ratio = (nn / (NN_FRACTION_OF_RESOLUTION * resolution_A)) ** 3
@@ -283,19 +381,21 @@ def build_gmm(volume, apix: float, resolution_A: float, *, n: int | None = None,
             n_new = min(n_new, n_voxels)
             if abs(n_new - n) > 0.1 * n:
                 n = n_new
-                c = seed_kmeans(vol, apix, n, threshold=threshold, mask=mask_t, seed=seed)
+                c = seeds(n)
         else:
             if n < 1:
                 raise InputError(f"build-gmm: number of Gaussians must be >= 1, got {n}.")
-            c = seed_kmeans(vol, apix, n, threshold=threshold, mask=mask_t, seed=seed)
+            c = seeds(n)
         centers = torch.as_tensor(c, dtype=torch.float32, device=vol.device)
         widths = torch.full((centers.shape[0],), s0, device=vol.device)
         amps = None
         seeding = "k-means"
 
-    fit_maxres_A = max(1.0 / (1.0 / resolution_A + _FIT_EXTRA_SHELLS / (box * apix)), 2 * apix)
-    samples = fourier_samples_3d(box, apix, fit_maxres_A, device=vol.device)
-    target = rfft3_centered(vol).flatten()[samples.flat_index]                       # (Z, P)
+    # The fit box holds the whole molecule, not only a seeding mask: the Gaussians fit the map inside it.
+    size = fit_box(vol, apix, resolution_A, centers, threshold=threshold)
+    fit_maxres_A = max(1.0 / (1.0 / resolution_A + _FIT_EXTRA_SHELLS / (size * apix)), 2 * apix)
+    samples = fourier_samples_3d(size, apix, fit_maxres_A, device=vol.device)
+    target = rfft3_centered(crop_centred(vol, size).contiguous()).flatten()[samples.flat_index]   # (Z, P)
     weight = samples.inside.to(torch.float32)
     shells = samples.shell
     n_shells = int(shells.max()) + 1
@@ -340,7 +440,7 @@ def build_gmm(volume, apix: float, resolution_A: float, *, n: int | None = None,
                           torch.exp(log_s).detach().clamp_min(s_min))
     fit_seconds = time.perf_counter() - t0
     fsc = map_gmm_fsc(gmm, vol, apix)
-    info = dict(n=gmm.n, seeding=seeding, mean_nn_A=mean_nearest_neighbour_A(gmm.centers_A.cpu().double().numpy()),
+    info = dict(n=gmm.n, seeding=seeding, fit_box=size, mean_nn_A=mean_nearest_neighbour_A(gmm.centers_A.cpu().double().numpy()),
                 fit_seconds=fit_seconds, loss=loss_value, steps=steps,
                 fsc=[float(x) for x in fsc], resolution_fsc09_A=resolution_at(fsc, box, apix, 0.9))
     return gmm, info
