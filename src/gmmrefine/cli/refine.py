@@ -30,9 +30,11 @@ DESCRIPTION = (
     "--focus-mask M.mrc aligns to GMMs whose Gaussians outside the mask are widened (focused refinement); "
     "--patches K adds patch-by-patch refinement after the global one (k-means patches of each half's GMM, "
     "--patch-iterations focused iterations per patch, a composite map per half in final/, per-patch poses in "
-    "patches/pNN/particles.star); --sym imposes a point group on the global refinement and symmetry-expands "
-    "the particles for focused and patch work (symmetry re-imposed on the composite); --from-job starts from "
-    "a finished job's poses and GMMs."
+    "patches/pNN/particles.star); --bodies M1.mrc M2.mrc ... refines each body in its own mask after the "
+    "global refinement (multi-body: per-body poses in patches/bNN/particles.star, a composite, per-body and "
+    "local resolution, body motions and their principal components); --sym imposes a point group on the "
+    "global refinement and symmetry-expands the particles for focused and patch work (symmetry re-imposed on "
+    "the composite); --from-job starts from a finished job's poses and GMMs."
 )
 
 
@@ -93,8 +95,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --from-job JOB: one more patch, the domain of 'gmmrefine hetero --job JOB --mask M' "
                             "(HJOB): focused refinement in M from its conformation-to-pose domain poses, then "
                             "JOB's composite (its patches, if it has any) with this patch inside M")
+    group.add_argument("--bodies", type=Path, nargs="+", default=None, metavar="MASK",
+                       help="after the global refinement, multi-body refinement: one body per mask (MRC, the "
+                            "particles' box and pixel size, values 0..1), each refined on its own in its mask for "
+                            "--patch-iterations iterations per half; poses in patches/bNN/particles.star, a "
+                            "composite map, per-body FSC, local resolution and body motions (C1)")
     group.add_argument("--patch-iterations", type=int, default=3,
-                       help="focused iterations per patch (paper: 3)")
+                       help="focused iterations per patch or body (paper: 3)")
     group.add_argument("--sym", default="C1",
                        help="point group (C<n>, D<n>, T, O, I): symmetrised global reconstructions; focused and "
                             "patch work on symmetry-expanded particles, symmetry re-imposed on the composite")
@@ -146,12 +153,20 @@ def _params(args) -> dict:
     if args.add_patch is not None and (args.focus_mask is not None or str(args.sym).strip().upper() != "C1"):
         raise InputError("--add-patch works in C1 without --focus-mask (the added patch is itself a focused "
                          "refinement, in the hetero job's mask).", field="--add-patch")
-    patch_work = args.from_job is not None and (args.patches is not None or args.add_patch is not None)
+    if args.bodies is not None and (args.patches is not None or args.focus_mask is not None
+                                    or args.add_patch is not None):
+        raise InputError("--bodies excludes --patches, --focus-mask and --add-patch: the bodies' masks are the "
+                         "patches; run the others as separate jobs with --from-job.", field="--bodies")
+    if args.bodies is not None and str(args.sym).strip().upper() != "C1":
+        raise InputError("--bodies works in C1 for now; refine symmetric particles as a whole with --sym, or "
+                         "symmetry-expand them first.", field="--bodies")
+    patch_work = args.from_job is not None and (args.patches is not None or args.add_patch is not None
+                                                or args.bodies is not None)
     iterations = _auto_or_int(args.iterations if args.iterations is not None else (0 if patch_work else "auto"), -1)
     min_iterations = 0 if patch_work else 1
     objective = args.objective or ("snr" if args.optimiser == "newton" else "frc")
     checks = [("--iterations", not isinstance(iterations, int) or iterations >= min_iterations,
-               "auto or an integer >= 1 (0 only with --from-job and --patches or --add-patch)"),
+               "auto or an integer >= 1 (0 only with --from-job and --patches, --bodies or --add-patch)"),
               ("--max-iterations", args.max_iterations >= 1, "an integer >= 1"),
               ("--objective", args.optimiser == "paper" or objective == "snr",
                "snr with --optimiser newton (its steps and precision come from the SNR weights)"),
@@ -184,6 +199,7 @@ def _params(args) -> dict:
         "patches": None if args.patches is None else int(args.patches), "patch_iterations": int(args.patch_iterations),
         "sym": str(args.sym).strip().upper(), "jobs": int(args.jobs),
         "add_patch": None if args.add_patch is None else str(Path(args.add_patch).resolve()),
+        "bodies": None if args.bodies is None else [str(Path(b).resolve()) for b in args.bodies],
     }
 
 
@@ -389,12 +405,17 @@ def run(params: dict, *, resume: bool = False, command_line: list[str] | None = 
 
         check_patch_count(int(patches), {h: GaussianMixture.load(gmm_dir / f"gmm_half{h}.npz") for h in (1, 2)},
                           str(gmm_dir))
+    if params.get("bodies"):
+        from gmmrefine.refine.focused import load_focus_mask
+
+        for body in params["bodies"]:
+            load_focus_mask(body, ps.box, ps.apix, option="--bodies")  # refused before the folder exists
     added = None
     if params.get("add_patch"):
         from gmmrefine.refine.patches import hetero_domain
 
         added = hetero_domain(Path(params["add_patch"]), Path(params["particles"]), len(ps))
-    if ctx.active and (patches is not None or added is not None or (mask is not None and expanded)):
+    if ctx.active and (patches is not None or params.get("bodies") or added is not None or (mask is not None and expanded)):
         raise InputError(f"--patches, --add-patch and --focus-mask with --sym {symmetry} run in one process for now; start "
                          "them without torchrun/srun (the global refinement before them can use many).",
                          field="--patches" if patches is not None else "--focus-mask")
@@ -488,6 +509,11 @@ def _job(job, params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, ad
 
         plan = setup_patches(job, job.path / it_dir(k), int(patches), ps.box, ps.apix, start_iteration=k,
                              patch_iterations=int(params["patch_iterations"]), symmetry=symmetry)
+    if params.get("bodies"):
+        from gmmrefine.refine.patches import setup_bodies
+
+        plan = setup_bodies(job, job.path / it_dir(k), params["bodies"], ps.box, ps.apix, start_iteration=k,
+                            patch_iterations=int(params["patch_iterations"]))
     if added is not None:
         from gmmrefine.refine.patches import add_domain_patch, inherit_patches
 
@@ -501,6 +527,12 @@ def _job(job, params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, ad
 
         run_patches(job, plan, jobs=int(params.get("jobs", 1)), progress=progress)
         composite_step(job, plan, ps.apix)
+        if plan.get("bodies"):
+            from gmmrefine.refine.global_refine import current_poses
+            from gmmrefine.refine.patches import body_motion, composite_local_resolution
+
+            body_motion(job, plan, *current_poses(job, ps, int(plan["start_iteration"])))
+            composite_local_resolution(job, plan, ps.apix)
     report = job.path / "final" / "report.html"
     if mask is not None or plan is not None:
         from gmmrefine.pipeline.report import write_report

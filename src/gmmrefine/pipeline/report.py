@@ -198,6 +198,87 @@ def plot_patches(plan: dict, job_path: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_bodies(job_path: Path, path: Path) -> None:
+    """Multi-body refinement at a glance: each body's FSC in the composite, its rotation relative to the
+    consensus, the particles on the first two principal components of the body motions, and the
+    variance each component explains."""
+    job_path = Path(job_path)
+    local = json.loads((job_path / "patches" / "local_resolution.json").read_text())
+    motion = json.loads((job_path / "patches" / "motion.json").read_text())
+    with np.load(job_path / "patches" / "motion.npz") as z:
+        rotvec, scores = z["rotvec_deg"], z["scores"]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    for b in local["bodies"]:
+        axes[0].plot(b["frequency_inv_A"], b["fsc"], label=f"{b['name']} {b['resolution_A']:.2f} A")
+    axes[0].axhline(0.143, color="grey", lw=0.8, ls="--")
+    axes[0].set_xlabel("spatial frequency (1/A)")
+    axes[0].set_ylabel("FSC in the body's mask (corrected)")
+    axes[0].set_title("composite halves, per body", fontsize=9)
+    axes[0].legend(fontsize=8)
+    for i, b in enumerate(motion["bodies"]):
+        axes[1].hist(np.linalg.norm(rotvec[i], axis=1), bins=40, histtype="step", label=b["name"])
+    axes[1].set_xlabel("rotation relative to the consensus (deg)")
+    axes[1].set_ylabel("particles")
+    axes[1].legend(fontsize=8)
+    if scores.shape[1] >= 2:
+        axes[2].scatter(scores[:, 0], scores[:, 1], s=3, alpha=0.4, linewidths=0)
+    axes[2].set_xlabel("PC1 of the body motions")
+    axes[2].set_ylabel("PC2")
+    explained = np.asarray(motion["explained_variance"])
+    axes[3].bar(np.arange(1, len(explained) + 1), 100 * explained)
+    axes[3].set_xlabel("principal component")
+    axes[3].set_ylabel("variance explained (%)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def body_section(job_path: Path, plan: dict) -> str:
+    """The report's multi-body section (``--bodies``)."""
+    job_path = Path(job_path)
+    local_path, motion_path = job_path / "patches" / "local_resolution.json", job_path / "patches" / "motion.json"
+    if not (local_path.is_file() and motion_path.is_file()):
+        return ""
+    plot_bodies(job_path, job_path / "final" / "bodies.png")
+    local = {b["name"]: b for b in json.loads(local_path.read_text())["bodies"]}
+    motion = json.loads(motion_path.read_text())
+    moves = {b["name"]: b for b in motion["bodies"]}
+    rows = []
+    for p in plan["patches"]:
+        info = json.loads((job_path / "patches" / p["name"] / "fsc.json").read_text())
+        lr, mv = local[p["name"]], moves[p["name"]]
+        median = lr["median_local_resolution_A"]
+        cells = [p["name"], html.escape(Path(p["mask"]).name), f"{p['volume_A3'] / 1000:.0f}",
+                 f"{info['global']['resolution_A']:.2f}", f"{info['patch']['resolution_A']:.2f}",
+                 f"{lr['resolution_A']:.2f}", "-" if median is None else f"{median:.2f}",
+                 f"{mv['mean_rotation_deg']:.2f} &plusmn; {mv['sd_rotation_deg']:.2f}",
+                 f"{mv['mean_translation_A']:.2f} &plusmn; {mv['sd_translation_A']:.2f}"]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    comp = json.loads((job_path / "final" / "composite_fsc.json").read_text())
+    explained = ", ".join(f"{100 * v:.0f} %" for v in motion["explained_variance"][:4])
+    return f"""<h2>Multi-body refinement</h2>
+<p>{len(rows)} bodies, each refined on its own in its mask (the same mask for both halves) for
+{plan['patch_iterations']} iterations per half from the global refinement's poses. Composite of the bodies'
+half maps, <code>sum M_i Map_i / sum M_i</code> (overlaps counted once, the global map where no mask
+reaches): gold-standard resolution {comp['resolution_A']:.2f} A (global refinement
+{comp['start_resolution_A']:.2f} A); local resolution of the composite in
+<code>final/composite_local_resolution.mrc</code>. Masked FSCs are corrected by phase randomisation.
+Body motions are relative to the consensus pose, in the map's frame; their principal components explain
+{explained} of the variance.</p>
+<table><tr><th>body</th><th>mask</th><th>volume (nm&sup3;)</th><th>masked resolution, global (A)</th>
+<th>body's own half maps (A)</th><th>composite in the mask (A)</th><th>median local resolution (A)</th>
+<th>rotation (deg)</th><th>translation (A)</th></tr>
+{''.join(rows)}</table>
+<img src="bodies.png" alt="per-body FSC, body rotations and principal components of the body motions">
+<p>Per body in <code>patches/bNN/</code>: the mask, the body's unmasked, unfiltered half maps, its refined poses
+<code>particles.star</code> (for RELION; <code>gmmrefine export</code> writes a cryoSPARC <code>.cs</code>),
+<code>fsc.json</code> and the iterations <code>itNNN/</code>; motions in <code>patches/motion.json</code> and
+<code>patches/motion.npz</code>.</p>
+"""
+
+
 def patch_section(job_path: Path) -> str:
     """The report's patch-by-patch section (empty without ``patches/patches.json``)."""
     job_path = Path(job_path)
@@ -205,6 +286,8 @@ def patch_section(job_path: Path) -> str:
     if not plan_path.is_file():
         return ""
     plan = json.loads(plan_path.read_text())
+    if plan.get("bodies"):
+        return body_section(job_path, plan)
     if plan["k"] > 0 and (job_path / "patches" / "labels_half1.npy").is_file():
         plot_patches(plan, job_path, job_path / "final" / "patches.png")
     rows = []

@@ -26,6 +26,13 @@ Steps (paper, Methods, "Patch-by-patch refinement"), after the main (global) ref
    resolution (``final/composite_map.mrc``; with a point group limited to the box's inscribed sphere
    and averaged over the group once more, see :func:`composite_outputs`).
 
+Multi-body refinement (``--bodies M1 M2 ...``, :func:`setup_bodies`) runs the same steps with the user's
+masks as patches ``bNN`` (one per mask, the same mask for both halves, like ``--focus-mask``), then
+``patches/motion`` (:func:`body_motion`: each body's rotation and translation relative to the consensus
+and their principal components, as ``relion_flex_analyse``) and ``patches/local_resolution``
+(:func:`composite_local_resolution`: the composite halves' masked FSC per body and a local-resolution
+map). Overlapping masks count the density once: the composite divides by the summed masks.
+
 Every step writes atomically and is marked done afterwards (patch steps in their own ``state.json``),
 and each reads what it needs from files, so ``--continue`` reproduces an uninterrupted run exactly.
 """
@@ -58,6 +65,11 @@ PATCH_EDGE_PX = 5.0
 def patch_name(index: int) -> str:
     """``pNN`` folder of matched patch pair ``index`` (0-based)."""
     return f"p{index + 1:02d}"
+
+
+def body_name(index: int) -> str:
+    """``bNN`` folder of body ``index`` (0-based, the order of ``--bodies``)."""
+    return f"b{index + 1:02d}"
 
 
 @dataclass
@@ -175,6 +187,133 @@ def setup_patches(job, start_dir: Path, k: int, box: int, apix: float, *, start_
     return plan
 
 
+def setup_bodies(job, start_dir: Path, mask_paths: list[str], box: int, apix: float, *, start_iteration: int,
+                 patch_iterations: int) -> dict:
+    """``patches/setup`` of a multi-body refinement (``--bodies``): one patch per user mask, ``bNN`` in the
+    order given, each half refined in the same mask (a user input, like ``--focus-mask``).
+
+    The bodies then run as patches do: a focused refinement per body from the global refinement's last
+    iteration, for each half on its own (:func:`run_patch`), and the composite ``sum_i M_i Map_i /
+    sum_i M_i`` (:func:`composite_step`), which counts the density where masks overlap once.
+
+    Returns:
+        The plan (``patches/patches.json``).
+    """
+    from gmmrefine.refine.focused import load_focus_mask
+
+    plan_path = job.path / "patches" / "patches.json"
+    if job.is_done("patches/setup"):
+        return json.loads(plan_path.read_text())
+    patches = []
+    for i, path in enumerate(mask_paths):
+        mask = load_focus_mask(path, box, apix, option="--bodies")
+        d = job.dir("patches", body_name(i))
+        for name in ("mask_half1.mrc", "mask_half2.mrc", "mask_eval.mrc"):
+            write_map(d / name, mask.numpy(), apix)
+        patches.append({"name": body_name(i), "body": True, "mask": str(path),
+                        "volume_A3": float(mask.sum()) * apix**3, **{f"half{h}": {"label": i} for h in HALVES}})
+    plan = {"k": 0, "bodies": len(patches), "start_dir": str(start_dir.relative_to(job.path)),
+            "start_iteration": start_iteration, "patch_iterations": patch_iterations, "symmetry": "C1",
+            "edge_px": None, "patches": patches}
+    write_json_atomic(plan_path, plan)
+    job.mark_done("patches/setup", bodies=len(patches))
+    job.log(f"bodies: {len(patches)} masks, each refined on its own for {patch_iterations} iterations per half")
+    return plan
+
+
+def body_motion(job, plan: dict, start_angles_deg: np.ndarray, start_shift_A: np.ndarray) -> dict:
+    """``patches/motion``: each body's motion relative to the consensus and its principal components.
+
+    A body's refined pose ``A_b`` is the consensus pose ``A_c`` followed by a motion of the body in the
+    map's frame, ``A_b = A_c M``; ``M = A_c^T A_b`` is written as a rotation vector (degrees) and the
+    shift change as a translation in the map's frame (``A_c^T (dx, dy, 0)``, angstrom, the depth not
+    observed). The principal components are those of every body's six numbers per particle (centred,
+    not scaled: degrees and angstrom are both ~1 at these motions), as ``relion_flex_analyse`` gives.
+    Analysis only: it runs after both halves' bodies are done and feeds nothing.
+
+    Writes ``patches/motion.json`` (per body mean and sd of the rotation angle and translation, the
+    explained variance of each component) and ``patches/motion.npz`` (per particle: ``rotvec_deg (B, N, 3)``,
+    ``translation_A (B, N, 3)``, ``scores (N, C)``, ``components (C, 6B)``).
+    """
+    from scipy.spatial.transform import Rotation
+
+    from gmmrefine.geometry.rotations import euler_to_matrix
+    from gmmrefine.io.particles import read_particles
+
+    out_json = job.path / "patches" / "motion.json"
+    if job.is_done("patches/motion"):
+        return json.loads(out_json.read_text())
+    consensus = euler_to_matrix(torch.as_tensor(start_angles_deg, dtype=torch.float64)).numpy()
+    rotvecs, translations, bodies = [], [], []
+    for p in plan["patches"]:
+        if not p.get("body"):
+            continue
+        ps = read_particles(job.path / "patches" / p["name"] / "particles.star")
+        moved = np.einsum("nji,njk->nik", consensus,
+                          euler_to_matrix(torch.as_tensor(ps.angles_deg, dtype=torch.float64)).numpy())
+        rotvec = np.degrees(Rotation.from_matrix(moved).as_rotvec())
+        d_shift = np.concatenate([np.asarray(ps.shift_A) - start_shift_A, np.zeros((len(ps), 1))], axis=1)
+        translation = np.einsum("nji,nj->ni", consensus, d_shift)
+        rotvecs.append(rotvec)
+        translations.append(translation)
+        angle = np.linalg.norm(rotvec, axis=1)
+        distance = np.linalg.norm(translation, axis=1)
+        bodies.append({"name": p["name"], "mean_rotation_deg": float(angle.mean()), "sd_rotation_deg": float(angle.std()),
+                       "mean_translation_A": float(distance.mean()), "sd_translation_A": float(distance.std())})
+    features = np.concatenate([np.concatenate([r, t], axis=1) for r, t in zip(rotvecs, translations)], axis=1)
+    centred = features - features.mean(0)
+    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+    variance = sing**2 / max(len(centred) - 1, 1)
+    explained = variance / max(float(variance.sum()), 1e-30)
+    with atomic_path(job.path / "patches" / "motion.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, rotvec_deg=np.stack(rotvecs), translation_A=np.stack(translations), scores=centred @ vt.T,
+                     components=vt, names=np.array([b["name"] for b in bodies]))
+    info = {"bodies": bodies, "explained_variance": explained.tolist(),
+            "component_sd": np.sqrt(variance).tolist()}
+    write_json_atomic(out_json, info)
+    job.mark_done("patches/motion", pc1=float(explained[0]) if len(explained) else None)
+    job.log("body motion: " + "; ".join(f"{b['name']} {b['mean_rotation_deg']:.2f} +/- {b['sd_rotation_deg']:.2f} deg, "
+                                        f"{b['mean_translation_A']:.2f} +/- {b['sd_translation_A']:.2f} A" for b in bodies)
+            + f"; PC1 explains {100 * explained[0]:.0f} %")
+    return info
+
+
+def composite_local_resolution(job, plan: dict, apix: float) -> dict:
+    """``patches/local_resolution``: per-region validation of a multi-body composite from its two
+    independent halves: the gold-standard FSC of the composite halves in each body's mask (phase-randomised
+    correction) and a local-resolution map (``final/composite_local_resolution.mrc``, windows centred in
+    any body), with each body's median local resolution; ``patches/local_resolution.json``."""
+    from gmmrefine.fourier.local_resolution import local_resolution
+    from gmmrefine.refine.focused import masked_resolution
+
+    out_json = job.path / "patches" / "local_resolution.json"
+    if job.is_done("patches/local_resolution"):
+        return json.loads(out_json.read_text())
+    final = job.path / "final"
+    halves = [torch.as_tensor(read_map(final / f"composite_half{h}.mrc")[0]) for h in HALVES]
+    masks = {p["name"]: torch.as_tensor(read_map(job.path / "patches" / p["name"] / "mask_eval.mrc")[0])
+             for p in plan["patches"] if p.get("body")}
+    union = torch.stack(list(masks.values())).amax(0)
+    local = local_resolution(halves[0], halves[1], apix, mask=union)
+    write_map(final / "composite_local_resolution.mrc", local.numpy(), apix)
+    seed = job.seed_for("patches/local_resolution")
+    bodies = []
+    for name, mask in masks.items():
+        inside = local[(mask > 0.5) & (local > 0)]
+        fsc = masked_resolution(halves[0], halves[1], mask, apix, seed=seed)
+        bodies.append({"name": name, "resolution_A": fsc["resolution_A"], "fsc": fsc["fsc"],
+                       "frequency_inv_A": fsc["frequency_inv_A"],
+                       "median_local_resolution_A": float(inside.median()) if inside.numel() else None})
+    info = {"bodies": bodies}
+    write_json_atomic(out_json, info)
+    job.mark_done("patches/local_resolution")
+    job.log("composite per body: " + "; ".join(
+        f"{b['name']} {b['resolution_A']:.2f} A (median local {b['median_local_resolution_A'] or float('nan'):.2f} A)"
+        for b in bodies))
+    return info
+
+
 # ------------------------------------------------------------------------------------------------
 # Step 2: one patch (in this process or a worker)
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +333,7 @@ def run_patch(job_path: str | Path, index: int, *, progress: bool = True) -> dic
     job_path = Path(job_path)
     params = json.loads((job_path / "job.json").read_text())["params"]
     plan = json.loads((job_path / "patches" / "patches.json").read_text())
-    name = patch_name(index)
+    name = plan["patches"][index]["name"]
     stage = SubJob(job_path, f"patches/{name}", params, seed_prefix="patches")
     out_json = stage.path / "fsc.json"
     if stage.is_done("outputs"):
@@ -271,11 +410,12 @@ def run_patches(job, plan: dict, *, jobs: int = 1, progress: bool = True) -> lis
     Returns:
         Every patch's ``fsc.json``, in ``pNN`` order.
     """
-    pending = [i for i in range(len(plan["patches"])) if not job.is_done(f"patches/{patch_name(i)}")]
+    names = [p["name"] for p in plan["patches"]]
+    pending = [i for i in range(len(names)) if not job.is_done(f"patches/{names[i]}")]
     if jobs <= 1 or len(pending) <= 1:
         for i in pending:
             info = run_patch(job.path, i, progress=progress)
-            job.mark_done(f"patches/{patch_name(i)}", resolution_A=info["patch"]["resolution_A"])
+            job.mark_done(f"patches/{names[i]}", resolution_A=info["patch"]["resolution_A"])
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -287,7 +427,7 @@ def run_patches(job, plan: dict, *, jobs: int = 1, progress: bool = True) -> lis
             for future in as_completed(futures):
                 i = futures[future]
                 info = future.result()
-                job.mark_done(f"patches/{patch_name(i)}", resolution_A=info["patch"]["resolution_A"])
+                job.mark_done(f"patches/{names[i]}", resolution_A=info["patch"]["resolution_A"])
     return [json.loads((job.path / "patches" / p["name"] / "fsc.json").read_text()) for p in plan["patches"]]
 
 
@@ -423,7 +563,8 @@ def composite_step(job, plan: dict, apix: float) -> dict:
     info["seconds"] = time.perf_counter() - t0
     write_json_atomic(out_json, info)
     job.mark_done("patches/composite", resolution_A=info["resolution_A"])
-    job.log(f"composite of {len(plan['patches'])} patches: resolution {info['resolution_A']:.2f} A (global "
+    what = "bodies" if plan.get("bodies") else "patches"
+    job.log(f"composite of {len(plan['patches'])} {what}: resolution {info['resolution_A']:.2f} A (global "
             f"{info['start_resolution_A']:.2f} A)")
     return info
 
