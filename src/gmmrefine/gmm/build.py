@@ -359,9 +359,8 @@ def build_gmm(volume, apix: float, resolution_A: float, *, n: int | None = None,
         values = vol[mask_t > 0.5] if mask_t is not None else vol
         seed_threshold = float(values.mean() + 1.5 * values.std()) if threshold is None else threshold
         near = molecule_region(vol, apix, resolution_A, threshold=threshold, mask=mask_t)
-        seed_mask = dilate(near, math.ceil((_FIT_MARGIN_A + resolution_A) / apix))
-        if mask_t is not None:
-            seed_mask &= mask_t.detach().cpu() > 0.5
+        grown = dilate(near, math.ceil((_FIT_MARGIN_A + resolution_A) / apix))
+        seed_mask: torch.Tensor | None = grown if mask_t is None else grown & (mask_t.detach().cpu() > 0.5)
         if count_seed_voxels(vol, threshold=seed_threshold, mask=seed_mask) < (n or 1):
             seed_mask = mask_t    # too few voxels near the molecule for the Gaussians asked for
 
