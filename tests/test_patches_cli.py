@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _halves import copy_with_half2_changed
 from _kill import kill_after_step
 
 from gmmrefine.cli.main import main as cli_main
-from gmmrefine.io.mrc import open_stack, read_map, write_map, write_stack
+from gmmrefine.io.mrc import read_map, write_map
 from gmmrefine.io.particles import read_particles
 
 OPTIONS = ["--iterations", "1", "--gmm-steps", "30", "--minres", "40", "--patches", "2", "--patch-iterations", "1"]
@@ -34,13 +35,7 @@ def runs(tmp_path_factory, adk_open_pdb):
                      "--snr", "1", "--origin-sigma-px", "1", "--perturb-deg", "3", "--perturb-A", "1", "--seed", "3",
                      "--out", str(sim)]) == 0
     # The same data with every half-2 image changed: no half-1 output may notice.
-    sim2 = root / "sim_odd_changed"
-    shutil.copytree(sim, sim2)
-    ps = read_particles(sim2 / "particles_perturbed.star")
-    stack = np.array(open_stack(sim2 / "particles.mrcs"), dtype=np.float32)
-    rows = ps.image_index[ps.subset == 2]
-    stack[rows] += np.random.default_rng(5).normal(0, stack.std(), stack[rows].shape).astype(np.float32)
-    write_stack(sim2 / "particles.mrcs", stack, ps.apix)
+    sim2 = copy_with_half2_changed(sim, root / "sim_odd_changed", seed=5)
     assert _refine(sim / "particles_perturbed.star", root / "A") == 0
     assert _refine(sim2 / "particles_perturbed.star", root / "B") == 0
     return dict(root=root, star=sim / "particles_perturbed.star", A=root / "A", B=root / "B")

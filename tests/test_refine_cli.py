@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _halves import copy_with_half2_changed
 from _kill import kill_after_step
 
 from gmmrefine.cli.main import main as cli_main
 from gmmrefine.gmm.model import GaussianMixture
-from gmmrefine.io.mrc import open_stack, read_map, write_stack
+from gmmrefine.io.mrc import read_map
 from gmmrefine.io.particles import read_particles
 
 REFINE = ["--iterations", "1", "--gmm-steps", "40", "--minres", "40"]
@@ -34,14 +34,7 @@ def runs(tmp_path_factory, adk_open_pdb):
                      "--snr", "0.2", "--origin-sigma-px", "1", "--perturb-deg", "4", "--perturb-A", "1", "--seed", "1",
                      "--out", str(sim)]) == 0
     # The same data with every half-2 image changed (more noise): half 1 must not notice.
-    sim2 = root / "sim_odd_changed"
-    shutil.copytree(sim, sim2)
-    ps = read_particles(sim2 / "particles_perturbed.star")
-    stack = np.array(open_stack(sim2 / "particles.mrcs"), dtype=np.float32)
-    rows = ps.image_index[ps.subset == 2]
-    rng = np.random.default_rng(5)
-    stack[rows] += rng.normal(0, stack.std(), stack[rows].shape).astype(np.float32)
-    write_stack(sim2 / "particles.mrcs", stack, ps.apix)
+    sim2 = copy_with_half2_changed(sim, root / "sim_odd_changed", seed=5)
     a = _refine(sim / "particles_perturbed.star", root / "A")
     assert a.returncode == 0, a.stderr
     b = _refine(sim2 / "particles_perturbed.star", root / "B")

@@ -2,7 +2,6 @@
 match a plain reconstruction, and the gold standard kept when each half picks its own grid."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _halves import copy_with_half2_changed
 
 from gmmrefine.cli.main import main as cli_main
 from gmmrefine.fourier.fsc import fourier_shell_correlation
 from gmmrefine.gmm.model import GaussianMixture
-from gmmrefine.io.mrc import open_stack, read_map, write_stack
-from gmmrefine.io.particles import read_particles
+from gmmrefine.io.mrc import read_map
 from gmmrefine.refine.global_refine import _fft_friendly, working_box
 
 BOX, APIX = 96, 2.0
@@ -37,13 +36,7 @@ def runs(tmp_path_factory, adk_open_pdb):
     assert cli_main(["simulate", "--model", str(adk_open_pdb), "--n", "240", "--box", str(BOX), "--apix", str(APIX),
                      "--snr", "0.2", "--origin-sigma-px", "1", "--perturb-deg", "4", "--perturb-A", "1", "--seed", "2",
                      "--out", str(sim)]) == 0
-    changed = root / "sim_half2_changed"
-    shutil.copytree(sim, changed)
-    ps = read_particles(changed / "particles_perturbed.star")
-    stack = np.array(open_stack(changed / "particles.mrcs"), dtype=np.float32)
-    rows = ps.image_index[ps.subset == 2]
-    stack[rows] += np.random.default_rng(7).normal(0, stack.std(), stack[rows].shape).astype(np.float32)
-    write_stack(changed / "particles.mrcs", stack, ps.apix)
+    changed = copy_with_half2_changed(sim, root / "sim_half2_changed", seed=7)
     _refine(sim / "particles_perturbed.star", root / "A")
     _refine(changed / "particles_perturbed.star", root / "B")
     return dict(root=root, sim=sim, A=root / "A", B=root / "B")

@@ -208,7 +208,8 @@ def estimate_n(volume: torch.Tensor, apix: float, resolution_A: float, *, thresh
 def molecule_region(volume: torch.Tensor, apix: float, resolution_A: float, *, threshold: float | None = None,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """``(D, D, D)`` bool: the voxels above ``threshold`` (default mean + 1.5 sd, inside ``mask``) of the
-    map low-passed to ``VOLUME_LOWPASS_A`` when it is finer (see :func:`estimate_n`)."""
+    map low-passed to ``VOLUME_LOWPASS_A`` when it is finer (see :func:`estimate_n`), without the
+    connected pieces smaller than ``_MIN_PIECE_FRACTION`` of the largest (noise)."""
     from gmmrefine.fourier.filters import low_pass
 
     vol = volume.detach().cpu().to(torch.float32)
@@ -248,8 +249,9 @@ def fit_box(volume: torch.Tensor, apix: float, resolution_A: float, centers_A: t
 
     The fit's cost grows as ``N K^3`` with ``K = D apix / resolution`` the band's radius in Fourier
     voxels, so it follows the edge of the box, not the band: a map cropped in real space to the molecule
-    is sampled more coarsely in Fourier space, and nothing inside it is lost. Measured at box 256 (1 A/px,
-    an adk O assembly of ~140 A, working grid 180 px at 4.0 A): the fit box is 118 px.
+    is sampled more coarsely in Fourier space, and nothing inside it is lost. Measured on the box-256
+    benchmark (an adk O assembly reaching 55 A from the centre along the axes): 74 px of the 120-px grid
+    at 4.3 A (1.42 x fewer voxels along each axis of the band) and 110 px of 180 at 4.0 A.
 
     Args:
         volume: ``(D, D, D)`` map; centers_A: ``(N, 3)`` Gaussian centres, A from the box centre.
