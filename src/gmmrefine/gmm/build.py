@@ -251,7 +251,7 @@ def fit_box(volume: torch.Tensor, apix: float, resolution_A: float, centers_A: t
     voxels, so it follows the edge of the box, not the band: a map cropped in real space to the molecule
     is sampled more coarsely in Fourier space, and nothing inside it is lost. Measured on the box-256
     benchmark (an adk O assembly reaching 55 A from the centre along the axes): 74 px of the 120-px grid
-    at 4.3 A (1.42 x fewer voxels along each axis of the band) and 110 px of 180 at 4.0 A.
+    at 4.3 A and 110 px of 180 at 4.0 A.
 
     Args:
         volume: ``(D, D, D)`` map; centers_A: ``(N, 3)`` Gaussian centres, A from the box centre.
