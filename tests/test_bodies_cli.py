@@ -51,7 +51,26 @@ def runs(tmp_path_factory, adk_open_pdb):
     sim2 = copy_with_half2_changed(sim, root / "sim_odd_changed", seed=5)
     assert _refine(sim / "particles_perturbed.star", root / "A", masks) == 0
     assert _refine(sim2 / "particles_perturbed.star", root / "B", masks) == 0
-    return dict(root=root, sim=sim, star=sim / "particles_perturbed.star", masks=masks, A=root / "A", B=root / "B")
+    # The same bodies with the rest subtracted, from the jobs above (their global refinement, --from-job).
+    calls = []
+    import gmmrefine.refine.subtract as subtract
+
+    original = subtract.subtract_rest
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[3]))
+        return original(*args, **kwargs)
+
+    subtract.subtract_rest = counted
+    try:
+        for src, dst in (("A", "C"), ("B", "D")):
+            assert cli_main(["refine", "--from-job", str(root / src), "--out", str(root / dst), "--gmm-steps", "30",
+                             "--minres", "40", "--patch-iterations", "1", "--bodies", *[str(m) for m in masks],
+                             "--body-context", "subtract"]) == 0
+    finally:
+        subtract.subtract_rest = original
+    return dict(root=root, sim=sim, star=sim / "particles_perturbed.star", masks=masks, A=root / "A", B=root / "B",
+                C=root / "C", D=root / "D", subtracted_rows=sum(calls))
 
 
 def test_body_outputs_report_and_relion_reads_the_body_poses(runs):
@@ -136,6 +155,27 @@ def test_gold_standard_half1_ignores_half2_data_with_bodies(runs):
                               read_map(b_job / "final" / "composite_half2.mrc")[0])
 
 
+def test_bodies_with_subtraction_align_what_is_left_and_keep_the_gold_standard(runs):
+    """--body-context subtract: every refined and every SNR-sampled image of both bodies and halves had the
+    rest subtracted (2 bodies x 120 particles x (1 refinement + SNR sample + precision sample)), the poses
+    differ from the widened-rest run's, and half 1's outputs ignore half 2's images."""
+    n = len(read_particles(runs["star"]))
+    assert runs["subtracted_rows"] >= 2 * n * 2
+    c, d = runs["C"], runs["D"]
+    plan = json.loads((c / "patches" / "patches.json").read_text())
+    assert plan["context"] == "subtract" and plan["bodies"] == 2
+    assert "the rest subtracted" in (c / "log.txt").read_text()
+    width = read_particles(runs["A"] / "patches" / "b01" / "particles.star")
+    subtracted = read_particles(c / "patches" / "b01" / "particles.star")
+    assert not np.allclose(width.angles_deg, subtracted.angles_deg)
+    files = sorted(p.relative_to(c) for p in (c / "patches").rglob("*half1*") if p.is_file() and p.suffix == ".mrc")
+    assert len(files) >= 8
+    for f in [*files, Path("final") / "composite_half1.mrc"]:
+        assert np.array_equal(read_map(c / f)[0], read_map(d / f)[0]), f
+    assert not np.array_equal(read_map(c / "final" / "composite_half2.mrc")[0],
+                              read_map(d / "final" / "composite_half2.mrc")[0])
+
+
 def test_bodies_bad_input_is_refused_before_anything_is_written(runs, capsys):
     root, star = runs["root"], runs["star"]
     ps = read_particles(star)
@@ -144,6 +184,9 @@ def test_bodies_bad_input_is_refused_before_anything_is_written(runs, capsys):
              ([root / "missing.mrc"], [], "not found"),
              (runs["masks"], ["--patches", "2"], "--bodies excludes"),
              (runs["masks"], ["--sym", "C2"], "C1")]
+    out = root / "bad_context"
+    assert cli_main(["refine", "--particles", str(star), "--out", str(out), "--body-context", "subtract"]) == 2
+    assert "applies to --bodies only" in capsys.readouterr().err and not out.exists()
     for i, (masks, extra, words) in enumerate(cases):
         out = root / f"bad{i}"
         assert _refine(star, out, masks, *extra) == 2

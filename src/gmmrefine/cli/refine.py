@@ -100,6 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "particles' box and pixel size, values 0..1), each refined on its own in its mask for "
                             "--patch-iterations iterations per half; poses in patches/bNN/particles.star, a "
                             "composite map, per-body FSC, local resolution and body motions (C1)")
+    group.add_argument("--body-context", choices=("width", "subtract"), default="width",
+                       help="with --bodies, how the rest of the particle is handled while a body is aligned: 'width' "
+                            "widens the Gaussians outside the body (the paper's focused refinement), 'subtract' "
+                            "subtracts the rest's GMM projection (times each particle's CTF, at its consensus "
+                            "pose) from the image and aligns the body alone")
     group.add_argument("--patch-iterations", type=int, default=3,
                        help="focused iterations per patch or body (paper: 3)")
     group.add_argument("--sym", default="C1",
@@ -160,6 +165,9 @@ def _params(args) -> dict:
     if args.bodies is not None and str(args.sym).strip().upper() != "C1":
         raise InputError("--bodies works in C1 for now; refine symmetric particles as a whole with --sym, or "
                          "symmetry-expand them first.", field="--bodies")
+    if args.body_context != "width" and args.bodies is None:
+        raise InputError(f"--body-context {args.body_context} applies to --bodies only; give the body masks with "
+                         "--bodies M1.mrc M2.mrc ...", field="--body-context")
     patch_work = args.from_job is not None and (args.patches is not None or args.add_patch is not None
                                                 or args.bodies is not None)
     iterations = _auto_or_int(args.iterations if args.iterations is not None else (0 if patch_work else "auto"), -1)
@@ -200,6 +208,7 @@ def _params(args) -> dict:
         "sym": str(args.sym).strip().upper(), "jobs": int(args.jobs),
         "add_patch": None if args.add_patch is None else str(Path(args.add_patch).resolve()),
         "bodies": None if args.bodies is None else [str(Path(b).resolve()) for b in args.bodies],
+        "body_context": None if args.bodies is None else str(args.body_context),
     }
 
 
@@ -513,7 +522,8 @@ def _job(job, params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, ad
         from gmmrefine.refine.patches import setup_bodies
 
         plan = setup_bodies(job, job.path / it_dir(k), params["bodies"], ps.box, ps.apix, start_iteration=k,
-                            patch_iterations=int(params["patch_iterations"]))
+                            patch_iterations=int(params["patch_iterations"]),
+                            context=params.get("body_context") or "width")
     if added is not None:
         from gmmrefine.refine.patches import add_domain_patch, inherit_patches
 

@@ -60,6 +60,10 @@ class Job(_Steps):
                 raise InputError(f"{job_json}: --continue must use the parameters of the original run; "
                                  f"these differ: {', '.join(changed)}", path=str(job_json), field=changed[0])
             self.state = json.loads(self._state_path.read_text()) if self._state_path.is_file() else {"done": {}}
+            # A run killed while writing leaves its temporary file (never the output): remove them.
+            for stale in self.path.rglob(".*.tmp*"):
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
         else:
             if self.path.exists() and any(self.path.iterdir()) and not _nothing_computed(self.path):
                 raise InputError(f"{self.path}: the job folder already exists; use --continue to resume it "

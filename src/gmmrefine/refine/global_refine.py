@@ -204,7 +204,7 @@ class HalfPass:
 def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settings: RefineSettings, *,
               gmm: GaussianMixture | None = None, maxres_A: float | None = None, desc: str = "",
               work_box: int | None = None, map_box: int | None = None, fsc_box: int | None = None,
-              quarters: bool = True) -> HalfPass | None:
+              quarters: bool = True, subtract=None) -> HalfPass | None:
     """Read the particles of ``half`` in chunks, refine their poses against ``gmm`` (if given) and
     reconstruct the half at the resulting poses.
 
@@ -248,6 +248,9 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
             cannot pass its Nyquist.
         quarters: False makes the half map alone (no quarter maps, ``quarter_fsc`` None): a pass whose
             poses already have their resolution estimate (:func:`full_size_maps`).
+        subtract: a body's :class:`~gmmrefine.refine.subtract.Subtraction` of this half (with ``gmm``): the
+            rest's projection at the consensus poses is taken out of every compared image (and of the SNR
+            sample); images are inserted as they are.
 
     Returns:
         :class:`HalfPass` (None on ranks other than 0), its map at ``map_box``.
@@ -276,6 +279,8 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
         task.pop("ps")
         if gmm is not None:
             task["gmm"] = gmm.to(device="cpu")
+        if subtract is not None:
+            task["subtract"] = subtract.to("cpu")
         distributed.send_task("half_pass", task)
     device = torch.device(settings.device)
     t_start = time.perf_counter()
@@ -306,9 +311,15 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
         assert pose.batch is not None  # resolve_batch sets it
         if ctx.active:  # every rank must cut the same blocks: the batch the tightest GPU allows
             pose = dataclasses.replace(pose, batch=distributed.all_min(pose.batch))
+        if subtract is not None:
+            from gmmrefine.refine.subtract import measure_scale
+
+            subtract = subtract.to(device)
+            subtract.scale = measure_scale(ps, indices, subtract, band, settings.ctf, device)
         if pose.needs_snr:
             # Every rank measures the same sample, so each particle is refined as in one process.
-            ring_snr = measure_ring_snr(ps, indices, new_angles, new_shift, gmm, band, settings.ctf, device)
+            ring_snr = measure_ring_snr(ps, indices, new_angles, new_shift, gmm, band, settings.ctf, device,
+                                        subtract)
     block = block_rows(pose.batch or DEFAULT_BATCH, ps.box)
     chunk = chunk_rows(settings.chunk, ps.box, block)
     lo, hi = distributed.shard(n, block)
@@ -326,7 +337,8 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     arrays = (new_angles, new_shift, frc_start, frc_end, precision_deg, precision_A)
     ckpt = None
     if settings.checkpoint_dir is not None:
-        key = pass_key(ps, half, angles_deg, shift_A, gmm, maxres_A, settings, pose, (work_box, map_box, fsc_box, quarters))
+        key = pass_key(ps, half, angles_deg, shift_A, gmm, maxres_A, settings, pose, (work_box, map_box, fsc_box, quarters),
+                       subtract)
         ckpt = Path(settings.checkpoint_dir) / f"{key}.rank{ctx.rank}of{ctx.world_size}.pt"
     first = _resume(ckpt, accs, arrays, lo, hi, grids)
     shards = [distributed.shard(n, block, r, ctx.world_size) for r in range(ctx.world_size)]
@@ -370,6 +382,10 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
                         work_spec = crop_projection_spectra(spec, work_box)
                         work_ctf = _ctf_of(ps, idx, device, box=work_box, apix=work_apix)
                     target, ctf_band, rho = comparison_inputs(work_spec, work_ctf, band, settings.ctf, ring_snr)
+                    if subtract is not None:
+                        from gmmrefine.refine.subtract import subtract_rest
+
+                        target = subtract_rest(target, band.gather(work_ctf), subtract, idx, band, settings.ctf)
                     res = refine_poses(gmm, target, matrices, t0, band, pose, ctf=ctf_band, rho=rho)
                     matrices = res.rotations
                     # origin = -translation * apix; keep float64 where the float32 update adds nothing.
@@ -459,15 +475,38 @@ def _sample_rows(n: int, size: int = SNR_SAMPLE) -> np.ndarray:
 PRECISION_SAMPLE = 500
 
 
+@dataclass
+class SampleBlock:
+    """A block of sampled particles as the optimiser sees them (:func:`_sample_blocks`).
+
+    Attributes:
+        rows: ``(B,)`` rows of the half's index array; target: ``(B, P)`` compared coefficients (the rest
+            subtracted with a :class:`~gmmrefine.refine.subtract.Subtraction`); ctf_band: ``(B, P)`` CTF
+            multiplying the projections (``full``) or None; ctf_full: ``(B, P)`` the CTF in the band;
+            m1, m2: ring CTF moments; rotations: ``(B, 3, 3)``; translation_px: ``(B, 2)``.
+    """
+
+    rows: np.ndarray
+    target: torch.Tensor
+    ctf_band: torch.Tensor | None
+    ctf_full: torch.Tensor
+    m1: torch.Tensor
+    m2: torch.Tensor
+    rotations: torch.Tensor
+    translation_px: torch.Tensor
+
+
 def _sample_blocks(ps, indices: np.ndarray, rows: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray, band,
-                   ctf_mode: str, device):
-    """Yield ``(rows of the block, target, ctf_band, ctf moments m1, m2, rotations, translations)`` for the
-    particles ``indices[rows]`` at poses ``angles_deg[rows], shift_A[rows]``, at most :data:`CHUNK_BYTES`
-    of images at a time."""
+                   ctf_mode: str, device, subtract=None):
+    """Yield a :class:`SampleBlock` for the particles ``indices[rows]`` at poses ``angles_deg[rows],
+    shift_A[rows]``, at most :data:`CHUNK_BYTES` of images at a time; with ``subtract``
+    (:class:`~gmmrefine.refine.subtract.Subtraction`, its scale measured) the rest's projection is taken
+    out of the targets."""
     from gmmrefine.fourier.fft import crop_projection_spectra, rfft2_centered
     from gmmrefine.io.particles import read_images
     from gmmrefine.reconstruct.invert import _ctf_of
     from gmmrefine.refine.snr import ring_ctf_moments
+    from gmmrefine.refine.subtract import subtract_rest
 
     step = max(1, CHUNK_BYTES // (ps.box * ps.box * 4))
     for s in range(0, len(rows), step):
@@ -476,14 +515,17 @@ def _sample_blocks(ps, indices: np.ndarray, rows: np.ndarray, angles_deg: np.nda
         spectra = crop_projection_spectra(rfft2_centered(upload(read_images(ps, idx), device)), band.box)
         ctf = _ctf_of(ps, idx, device, box=band.box, apix=band.apix)
         target, ctf_band, _ = comparison_inputs(spectra, ctf, band, ctf_mode, None)
+        ctf_full = band.gather(ctf)
+        if subtract is not None:
+            target = subtract_rest(target, ctf_full, subtract, idx, band, ctf_mode)
         rot = euler_to_matrix(torch.as_tensor(angles_deg[part], device=device)).to(torch.float32)
         t0 = image_translation_px(torch.as_tensor(shift_A[part], device=device), band.apix).to(torch.float32)
-        m1, m2 = ring_ctf_moments(band.gather(ctf), band.ring_index, band.n_rings)
-        yield part, target, ctf_band, m1, m2, rot, t0
+        m1, m2 = ring_ctf_moments(ctf_full, band.ring_index, band.n_rings)
+        yield SampleBlock(part, target, ctf_band, ctf_full, m1, m2, rot, t0)
 
 
 def measure_ring_snr(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray, gmm: GaussianMixture,
-                     band, ctf_mode: str, device) -> torch.Tensor:
+                     band, ctf_mode: str, device, subtract=None) -> torch.Tensor:
     """Per-ring SNR of a half's particles against the half's GMM at their current poses.
 
     Measured on :data:`SNR_SAMPLE` particles spread evenly over the half (``indices``, input order), so
@@ -493,6 +535,7 @@ def measure_ring_snr(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: n
         ps: the particle set; indices: ``(n,)`` the half's particles.
         angles_deg, shift_A: ``(n, 3)``, ``(n, 2)`` their current poses (rows of ``indices``).
         gmm, band, ctf_mode: as the refinement uses them (the band's box is the working box).
+        subtract: the half's :class:`~gmmrefine.refine.subtract.Subtraction` (scale measured), or None.
 
     Returns:
         ``(R,)`` float32 on ``device``.
@@ -500,16 +543,16 @@ def measure_ring_snr(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: n
     from gmmrefine.refine.snr import fit_ring_snr
 
     corr, m1s, m2s = [], [], []
-    for _, target, ctf_band, m1, m2, rot, t0 in _sample_blocks(ps, indices, _sample_rows(len(indices)), angles_deg,
-                                                               shift_A, band, ctf_mode, device):
-        corr.append(ring_correlations_at(gmm, target, rot, t0, band, ctf=ctf_band))
-        m1s.append(m1)
-        m2s.append(m2)
+    for b in _sample_blocks(ps, indices, _sample_rows(len(indices)), angles_deg, shift_A, band, ctf_mode, device,
+                            subtract):
+        corr.append(ring_correlations_at(gmm, b.target, b.rotations, b.translation_px, band, ctf=b.ctf_band))
+        m1s.append(b.m1)
+        m2s.append(b.m2)
     return fit_ring_snr(torch.cat(corr), torch.cat(m1s), torch.cat(m2s), ctf_mode).to(torch.float32)
 
 
 def reference_spread(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray, refined: dict,
-                     other_gmm: GaussianMixture, band, settings: RefineSettings) -> dict:
+                     other_gmm: GaussianMixture, band, settings: RefineSettings, subtract=None) -> dict:
     """How far a half's poses move when only their reference changes: the reference's share of their error.
 
     The Fisher information of a pose (:func:`gmmrefine.refine.poses.pose_precision`) counts the noise of
@@ -535,6 +578,7 @@ def reference_spread(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: n
         other_gmm: the other half's GMM of that iteration (as the particles were aligned to their own).
         band: the band of the half's last iteration (its working box).
         settings: the refinement settings.
+        subtract: the half's own :class:`~gmmrefine.refine.subtract.Subtraction` (scale measured), or None.
 
     Returns:
         ``{"k_deg", "k_A", "factor_deg", "factor_A", "spread_rms_deg", "spread_rms_A", "n"}``.
@@ -543,14 +587,14 @@ def reference_spread(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: n
     rows = _sample_rows(len(indices), PRECISION_SAMPLE)
     gmm = other_gmm.to(device=device, dtype=torch.float32)
     pose = resolve_batch(settings.pose, device, gmm.n, band, ps.box)
-    ring_snr = measure_ring_snr(ps, indices, angles_deg, shift_A, gmm, band, settings.ctf, device)
+    ring_snr = measure_ring_snr(ps, indices, angles_deg, shift_A, gmm, band, settings.ctf, device, subtract)
     from gmmrefine.refine.snr import expected_correlation
 
     spread_deg, spread_A = [], []
-    for part, target, ctf_band, m1, m2, rot, t0 in _sample_blocks(ps, indices, rows, angles_deg, shift_A, band,
-                                                                  settings.ctf, device):
-        rho = expected_correlation(ring_snr, m1, m2, settings.ctf)
-        r = refine_poses(gmm, target, rot, t0, band, pose, ctf=ctf_band, rho=rho)
+    for b in _sample_blocks(ps, indices, rows, angles_deg, shift_A, band, settings.ctf, device, subtract):
+        part, t0 = b.rows, b.translation_px
+        rho = expected_correlation(ring_snr, b.m1, b.m2, settings.ctf)
+        r = refine_poses(gmm, b.target, b.rotations, t0, band, pose, ctf=b.ctf_band, rho=rho)
         own = euler_to_matrix(torch.as_tensor(refined["angles_deg"][part])).to(torch.float64)
         spread_deg.append(rotation_angle_deg(own, r.rotations.cpu().to(torch.float64)).numpy())
         moved_px = (r.translation_px - t0).cpu().numpy().astype(np.float64)
@@ -601,7 +645,8 @@ def resolve_batch(pose: PoseSettings, device: torch.device, n_gaussians: int, ba
 
 
 def pass_key(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, gmm: GaussianMixture | None,
-             maxres_A: float | None, settings: RefineSettings, pose: PoseSettings, boxes: tuple = ()) -> str:
+             maxres_A: float | None, settings: RefineSettings, pose: PoseSettings, boxes: tuple = (),
+             subtract=None) -> str:
     """A digest of everything a half pass's result depends on: a checkpoint is resumed only by the same
     pass (a stale one, of another step or other settings, is ignored)."""
     h = hashlib.sha256()
@@ -610,9 +655,13 @@ def pass_key(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, gmm: Ga
                    settings.ctf, settings.reconstruct_ctf, pose, boxes)).encode())
     h.update(np.ascontiguousarray(np.asarray(angles_deg, dtype=np.float64)[idx]).tobytes())
     h.update(np.ascontiguousarray(np.asarray(shift_A, dtype=np.float64)[idx]).tobytes())
-    if gmm is not None:
-        for t in (gmm.centers_A, gmm.amplitudes, gmm.widths_A):
-            h.update(t.detach().cpu().numpy().tobytes())
+    for g in (gmm,) if subtract is None else (gmm, subtract.rest):
+        if g is not None:
+            for t in (g.centers_A, g.amplitudes, g.widths_A):
+                h.update(t.detach().cpu().numpy().tobytes())
+    if subtract is not None:
+        h.update(np.ascontiguousarray(np.asarray(subtract.angles_deg, dtype=np.float64)[idx]).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(subtract.shift_A, dtype=np.float64)[idx]).tobytes())
     return h.hexdigest()[:20]
 
 
@@ -918,7 +967,8 @@ def full_size_maps(job, ps, settings: RefineSettings, k: int, done: Callable[...
 
 
 def calibrate_precision(job, ps, settings: RefineSettings, k: int, done: Callable[..., None],
-                        gmm_transform: Callable[[int, GaussianMixture], GaussianMixture] | None = None) -> None:
+                        gmm_transform: Callable[[int, GaussianMixture], GaussianMixture] | None = None,
+                        subtraction: Callable | None = None) -> None:
     """Step ``itK/precision``: each half's reference error added to the last iteration's pose precision
     (:func:`reference_spread`), written to ``itK/precision.json`` and used by :func:`current_precision`
     for ``final/particles.star``. Nothing to do without a precision (the paper's optimiser)."""
@@ -945,8 +995,14 @@ def calibrate_precision(job, ps, settings: RefineSettings, k: int, done: Callabl
             other = gmm_transform(3 - h, other)
         indices = ps.half(h)
         assert np.array_equal(indices, refined[h]["indices"])  # the pass wrote the half in input order
+        subtract = None
+        if subtraction is not None:  # the half's own rest, as its pass subtracted it
+            from gmmrefine.refine.subtract import measure_scale
+
+            subtract = subtraction(h).to(device)
+            subtract.scale = measure_scale(ps, indices, subtract, band, settings.ctf, device)
         out[str(h)] = reference_spread(ps, indices, angles[indices], shifts[indices], refined[h], other, band,
-                                       settings)
+                                       settings, subtract)
     write_json_atomic(d / "precision.json", out)
     job.log("pose precision with each half's reference error (measured against the other half's reference, "
             "after the final FSC): x " + ", ".join(f"{out[str(h)]['factor_deg']:.2f} (rotation) / "
@@ -999,8 +1055,8 @@ def band_limit(resolution_A: float, settings: RefineSettings, apix: float) -> fl
 
 def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callable | None = None,
                           on_step: Callable[[str], None] | None = None,
-                          gmm_transform: Callable[[int, GaussianMixture], GaussianMixture] | None = None
-                          ) -> list[dict]:
+                          gmm_transform: Callable[[int, GaussianMixture], GaussianMixture] | None = None,
+                          subtraction: Callable | None = None) -> list[dict]:
     """Run (or resume) the iterations of a job.
 
     Args:
@@ -1014,6 +1070,8 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
         gmm_transform: ``(half, fitted GMM) -> GMM the particles are aligned to`` (focused refinement:
             :func:`gmmrefine.gmm.masks.width_mask`); the fitted GMM is what is saved and warm-starts the
             next fit. A ``gmm_half{h}.npz`` in ``it000`` warm-starts the first fit.
+        subtraction: ``half -> Subtraction`` (:mod:`gmmrefine.refine.subtract`): what is taken out of that
+            half's images before they are compared (multi-body refinement with ``--body-context subtract``).
 
     Returns:
         The ``fsc.json`` contents of iterations ``0..iterations``.
@@ -1087,7 +1145,8 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
                 angles, shifts = current_poses(job, ps, k - 1)
                 p = half_pass(ps, h, angles, shifts, settings, gmm=gmm, maxres_A=maxres,
                               desc=f"it{k:03d} refine half {h}", work_box=work, fsc_box=work,
-                              map_box=box if settings.full_maps or k == settings.iterations else work)
+                              map_box=box if settings.full_maps or k == settings.iterations else work,
+                              subtract=None if subtraction is None else subtraction(h))
                 assert p is not None  # rank 0 gets the pass
                 save_poses(d / f"poses_half{h}.npz", p, angles, shifts, apix)
                 write_map(d / f"half{h}.mrc", p.half_map.numpy(), p.apix)
@@ -1133,7 +1192,7 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
         histories.append(json.loads((d / "fsc.json").read_text()))
     if histories[-1]["iteration"] > 0:
         full_size_maps(job, ps, settings, histories[-1]["iteration"], done)
-        calibrate_precision(job, ps, settings, histories[-1]["iteration"], done, gmm_transform)
+        calibrate_precision(job, ps, settings, histories[-1]["iteration"], done, gmm_transform, subtraction)
         histories[-1] = json.loads((job.path / it_dir(histories[-1]["iteration"]) / "fsc.json").read_text())
     return histories
 

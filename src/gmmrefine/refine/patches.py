@@ -188,12 +188,14 @@ def setup_patches(job, start_dir: Path, k: int, box: int, apix: float, *, start_
 
 
 def setup_bodies(job, start_dir: Path, mask_paths: list[str], box: int, apix: float, *, start_iteration: int,
-                 patch_iterations: int) -> dict:
+                 patch_iterations: int, context: str = "width") -> dict:
     """``patches/setup`` of a multi-body refinement (``--bodies``): one patch per user mask, ``bNN`` in the
     order given, each half refined in the same mask (a user input, like ``--focus-mask``).
 
     The bodies then run as patches do: a focused refinement per body from the global refinement's last
-    iteration, for each half on its own (:func:`run_patch`), and the composite ``sum_i M_i Map_i /
+    iteration, for each half on its own (:func:`run_patch`), the rest of the particle handled as
+    ``context`` says (``width``: widened Gaussians; ``subtract``: the rest's projection at the consensus
+    poses subtracted from the images, :mod:`gmmrefine.refine.subtract`), and the composite ``sum_i M_i Map_i /
     sum_i M_i`` (:func:`composite_step`), which counts the density where masks overlap once.
 
     Returns:
@@ -212,12 +214,13 @@ def setup_bodies(job, start_dir: Path, mask_paths: list[str], box: int, apix: fl
             write_map(d / name, mask.numpy(), apix)
         patches.append({"name": body_name(i), "body": True, "mask": str(path),
                         "volume_A3": float(mask.sum()) * apix**3, **{f"half{h}": {"label": i} for h in HALVES}})
-    plan = {"k": 0, "bodies": len(patches), "start_dir": str(start_dir.relative_to(job.path)),
+    plan = {"k": 0, "bodies": len(patches), "context": context, "start_dir": str(start_dir.relative_to(job.path)),
             "start_iteration": start_iteration, "patch_iterations": patch_iterations, "symmetry": "C1",
             "edge_px": None, "patches": patches}
     write_json_atomic(plan_path, plan)
     job.mark_done("patches/setup", bodies=len(patches))
-    job.log(f"bodies: {len(patches)} masks, each refined on its own for {patch_iterations} iterations per half")
+    job.log(f"bodies: {len(patches)} masks, each refined on its own for {patch_iterations} iterations per half, "
+            + ("the rest subtracted from the images" if context == "subtract" else "the rest widened"))
     return plan
 
 
@@ -358,7 +361,13 @@ def run_patch(job_path: str | Path, index: int, *, progress: bool = True) -> dic
     settings = dataclasses.replace(settings_from_params(params), iterations=iterations,
                                    symmetry="C1", progress=progress)
     t0 = time.perf_counter()
-    histories = run_global_refinement(stage, stage_ps, settings, gmm_transform=focus_transform(masks, apix))
+    transform, subtraction = focus_transform(masks, apix), None
+    if plan.get("context") == "subtract":
+        from gmmrefine.refine.subtract import body_transform, consensus_subtraction
+
+        transform = body_transform(masks, apix)
+        subtraction = consensus_subtraction(start_dir, masks, apix, stage_ps.angles_deg, stage_ps.shift_A)
+    histories = run_global_refinement(stage, stage_ps, settings, gmm_transform=transform, subtraction=subtraction)
     k = histories[-1]["iteration"]
     last = stage.path / it_dir(k)
     for h in HALVES:
