@@ -49,9 +49,7 @@ def runs(tmp_path_factory, adk_open_pdb):
                      "--hinge-residues", "122-159", "--hinge-deg", "10", "--out", str(sim)]) == 0
     masks = _body_masks(sim, root)
     sim2 = copy_with_half2_changed(sim, root / "sim_odd_changed", seed=5)
-    assert _refine(sim / "particles_perturbed.star", root / "A", masks) == 0
-    assert _refine(sim2 / "particles_perturbed.star", root / "B", masks) == 0
-    # The same bodies with the rest subtracted, from the jobs above (their global refinement, --from-job).
+    # Count the rows the default (the rest subtracted) takes the rest out of.
     calls = []
     import gmmrefine.refine.subtract as subtract
 
@@ -63,12 +61,15 @@ def runs(tmp_path_factory, adk_open_pdb):
 
     subtract.subtract_rest = counted
     try:
-        for src, dst in (("A", "C"), ("B", "D")):
-            assert cli_main(["refine", "--from-job", str(root / src), "--out", str(root / dst), "--gmm-steps", "30",
-                             "--minres", "40", "--patch-iterations", "1", "--bodies", *[str(m) for m in masks],
-                             "--body-context", "subtract"]) == 0
+        assert _refine(sim / "particles_perturbed.star", root / "A", masks) == 0
+        assert _refine(sim2 / "particles_perturbed.star", root / "B", masks) == 0
     finally:
         subtract.subtract_rest = original
+    # The same bodies with the rest widened instead, from the jobs above (their global refinement, --from-job).
+    for src, dst in (("A", "C"), ("B", "D")):
+        assert cli_main(["refine", "--from-job", str(root / src), "--out", str(root / dst), "--gmm-steps", "30",
+                         "--minres", "40", "--patch-iterations", "1", "--bodies", *[str(m) for m in masks],
+                         "--body-context", "width"]) == 0
     return dict(root=root, sim=sim, star=sim / "particles_perturbed.star", masks=masks, A=root / "A", B=root / "B",
                 C=root / "C", D=root / "D", subtracted_rows=sum(calls))
 
@@ -155,18 +156,20 @@ def test_gold_standard_half1_ignores_half2_data_with_bodies(runs):
                               read_map(b_job / "final" / "composite_half2.mrc")[0])
 
 
-def test_bodies_with_subtraction_align_what_is_left_and_keep_the_gold_standard(runs):
-    """--body-context subtract: every refined and every SNR-sampled image of both bodies and halves had the
-    rest subtracted (2 bodies x 120 particles x (1 refinement + SNR sample + precision sample)), the poses
-    differ from the widened-rest run's, and half 1's outputs ignore half 2's images."""
+def test_bodies_subtract_the_rest_by_default_and_widen_it_on_request_keeping_the_gold_standard(runs):
+    """By default every refined and every SNR-sampled image of both bodies and halves had the rest
+    subtracted (2 bodies x 120 particles x (1 refinement + SNR sample + precision sample), counted);
+    --body-context width gives other poses, and its half 1 also ignores half 2's images."""
     n = len(read_particles(runs["star"]))
     assert runs["subtracted_rows"] >= 2 * n * 2
-    c, d = runs["C"], runs["D"]
+    a, c, d = runs["A"], runs["C"], runs["D"]
+    assert json.loads((a / "patches" / "patches.json").read_text())["context"] == "subtract"
+    assert "the rest subtracted" in (a / "log.txt").read_text()
     plan = json.loads((c / "patches" / "patches.json").read_text())
-    assert plan["context"] == "subtract" and plan["bodies"] == 2
-    assert "the rest subtracted" in (c / "log.txt").read_text()
-    width = read_particles(runs["A"] / "patches" / "b01" / "particles.star")
-    subtracted = read_particles(c / "patches" / "b01" / "particles.star")
+    assert plan["context"] == "width" and plan["bodies"] == 2
+    assert "the rest widened" in (c / "log.txt").read_text()
+    subtracted = read_particles(a / "patches" / "b01" / "particles.star")
+    width = read_particles(c / "patches" / "b01" / "particles.star")
     assert not np.allclose(width.angles_deg, subtracted.angles_deg)
     files = sorted(p.relative_to(c) for p in (c / "patches").rglob("*half1*") if p.is_file() and p.suffix == ".mrc")
     assert len(files) >= 8
@@ -185,7 +188,7 @@ def test_bodies_bad_input_is_refused_before_anything_is_written(runs, capsys):
              (runs["masks"], ["--patches", "2"], "--bodies excludes"),
              (runs["masks"], ["--sym", "C2"], "C1")]
     out = root / "bad_context"
-    assert cli_main(["refine", "--particles", str(star), "--out", str(out), "--body-context", "subtract"]) == 2
+    assert cli_main(["refine", "--particles", str(star), "--out", str(out), "--body-context", "width"]) == 2
     assert "applies to --bodies only" in capsys.readouterr().err and not out.exists()
     for i, (masks, extra, words) in enumerate(cases):
         out = root / f"bad{i}"

@@ -100,11 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "particles' box and pixel size, values 0..1), each refined on its own in its mask for "
                             "--patch-iterations iterations per half; poses in patches/bNN/particles.star, a "
                             "composite map, per-body FSC, local resolution and body motions (C1)")
-    group.add_argument("--body-context", choices=("width", "subtract"), default="width",
-                       help="with --bodies, how the rest of the particle is handled while a body is aligned: 'width' "
-                            "widens the Gaussians outside the body (the paper's focused refinement), 'subtract' "
-                            "subtracts the rest's GMM projection (times each particle's CTF, at its consensus "
-                            "pose) from the image and aligns the body alone")
+    group.add_argument("--body-context", choices=("subtract", "width"), default=None,
+                       help="with --bodies, how the rest of the particle is handled while a body is aligned: "
+                            "'subtract' (default) subtracts the rest's GMM projection (times each particle's CTF, at "
+                            "its consensus pose) from the images and aligns the body alone; 'width' widens the "
+                            "Gaussians outside the body (the paper's focused refinement). On simulated adk with a "
+                            "hinged LID (2,000 particles, box 128, SNR 0.05) subtraction gave the better LID map and "
+                            "poses on two data sets")
     group.add_argument("--patch-iterations", type=int, default=3,
                        help="focused iterations per patch or body (paper: 3)")
     group.add_argument("--sym", default="C1",
@@ -165,7 +167,7 @@ def _params(args) -> dict:
     if args.bodies is not None and str(args.sym).strip().upper() != "C1":
         raise InputError("--bodies works in C1 for now; refine symmetric particles as a whole with --sym, or "
                          "symmetry-expand them first.", field="--bodies")
-    if args.body_context != "width" and args.bodies is None:
+    if args.body_context is not None and args.bodies is None:
         raise InputError(f"--body-context {args.body_context} applies to --bodies only; give the body masks with "
                          "--bodies M1.mrc M2.mrc ...", field="--body-context")
     patch_work = args.from_job is not None and (args.patches is not None or args.add_patch is not None
@@ -208,7 +210,7 @@ def _params(args) -> dict:
         "sym": str(args.sym).strip().upper(), "jobs": int(args.jobs),
         "add_patch": None if args.add_patch is None else str(Path(args.add_patch).resolve()),
         "bodies": None if args.bodies is None else [str(Path(b).resolve()) for b in args.bodies],
-        "body_context": None if args.bodies is None else str(args.body_context),
+        "body_context": None if args.bodies is None else str(args.body_context or "subtract"),
     }
 
 

@@ -188,7 +188,7 @@ def setup_patches(job, start_dir: Path, k: int, box: int, apix: float, *, start_
 
 
 def setup_bodies(job, start_dir: Path, mask_paths: list[str], box: int, apix: float, *, start_iteration: int,
-                 patch_iterations: int, context: str = "width") -> dict:
+                 patch_iterations: int, context: str = "subtract") -> dict:
     """``patches/setup`` of a multi-body refinement (``--bodies``): one patch per user mask, ``bNN`` in the
     order given, each half refined in the same mask (a user input, like ``--focus-mask``).
 
