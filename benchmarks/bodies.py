@@ -112,7 +112,11 @@ def relion_multibody(sim: Path, out: Path, global_job: Path, mask_paths: dict[st
     """RELION's consensus local refinement, then its multi-body refinement from that run's last iteration."""
     from refine import run_relion, truth_mask
 
-    consensus = run_relion(sim, global_job, out, truth, truth_map, truth_mask(truth_map, apix), apix, diameter_A)
+    from gmmrefine.io.particles import read_particles
+
+    true_poses = read_particles(sim / "particles.star")
+    consensus = run_relion(sim, global_job, out, true_poses, truth_map, truth_mask(truth_map, apix), apix, diameter_A,
+                           reuse=True)
     rdir = out / "relion"
     last = sorted(rdir.glob("run_it[0-9][0-9][0-9]_optimiser.star"))[-1]
     mb = out / "relion_multibody"

@@ -120,18 +120,21 @@ def relion_poses(star: Path, truth) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, mask: np.ndarray, apix: float,
-               diameter_A: float, timeout_s: float | None = None) -> dict:
+               diameter_A: float, timeout_s: float | None = None, reuse: bool = False) -> dict:
     """``relion_refine_mpi`` local refinement (3 MPI ranks: a leader and one worker per half, one thread
     each, i.e. the 2 cores) from the perturbed poses, with the start map of our job low-passed to 8 A as
     reference. Returns its wall time (total and per iteration), peak RSS of its ranks together, pose error
     and FSC to the truth (resolutions at 0.5, and the masked FSC's mean over shells,
     :func:`gmmrefine.pipeline.evaluate.masked_fsc_to_truth`). With ``timeout_s`` a run still going then is
-    stopped and judged by its last finished iteration (``converged`` False)."""
+    stopped and judged by its last finished iteration (``converged`` False). With ``reuse`` a converged run
+    already in ``out/relion`` (``run_data.star``) is judged again, not run again: its wall time and RSS are
+    then those its files and ``rss.*`` reports recorded (start-up time unknown: from the first iteration)."""
     from gmmrefine.fourier.filters import low_pass
     from gmmrefine.io.mrc import read_map, write_map
-    from gmmrefine.pipeline.evaluate import masked_fsc_to_truth
 
     rdir = out / "relion"
+    if reuse and (rdir / "run_data.star").is_file():
+        return _judge_relion(rdir, None, None, True, truth, truth_map, mask, apix)
     shutil.rmtree(rdir, ignore_errors=True)
     rdir.mkdir(parents=True)
     h1, h2 = (torch.as_tensor(read_map(job / "it000" / f"half{h}.mrc")[0]) for h in (1, 2))
@@ -155,11 +158,22 @@ def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, ma
             converged = False
             os.killpg(proc.pid, 15)  # mpirun passes it on to its ranks; time -v still reports each
             proc.wait()
-    wall = time.time() - t0
+    return _judge_relion(rdir, cmd, t0, converged, truth, truth_map, mask, apix)
+
+
+def _judge_relion(rdir: Path, cmd: list[str] | None, t0: float | None, converged: bool, truth, truth_map: np.ndarray,
+                  mask: np.ndarray, apix: float) -> dict:
+    """:func:`run_relion`'s measurements of the run in ``rdir`` (``t0``: its start, None if not known)."""
+    from gmmrefine.io.mrc import read_map
+    from gmmrefine.pipeline.evaluate import masked_fsc_to_truth
+
+    its = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
+    if t0 is None:
+        t0 = its[0].stat().st_mtime
+    wall = (rdir / "run_data.star").stat().st_mtime - t0 if converged and cmd is None else time.time() - t0
     rss_mb = sum(int(m.group(1)) for f in rdir.glob("rss.*")
                  if (m := re.search(r"Maximum resident set size \(kbytes\): (\d+)", f.read_text()))) / 1024
     # Iteration k ends when run_itNNN_data.star is written; iteration 0 is RELION's start-up pass.
-    its = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
     stamps = [t0] + [p.stat().st_mtime for p in its]
     per_it = [b - a for a, b in zip(stamps[1:-1], stamps[2:])]  # iterations 1.. (after the start-up pass)
     if converged:
@@ -172,7 +186,7 @@ def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, ma
     ang, sh = pose_errors(angles, shifts, truth)
     r1 = read_map(maps[0])[0]
     r2 = read_map(maps[1])[0]
-    return {"command": " ".join(cmd), "wall_s": wall, "iterations": len(its) - 1, "peak_rss_MB": rss_mb,
+    return {"command": None if cmd is None else " ".join(cmd), "wall_s": wall, "iterations": len(its) - 1, "peak_rss_MB": rss_mb,
             "converged": converged,
             "masked_fsc": masked_fsc_to_truth(r1, r2, truth_map, mask),
             "startup_s": stamps[1] - stamps[0] if len(stamps) > 1 else None,
