@@ -102,6 +102,11 @@ def test_body_outputs_report_and_relion_reads_the_body_poses(runs):
         assert motion["bodies"][i]["mean_rotation_deg"] == pytest.approx(float(moved.mean()), abs=1e-3)
         assert float(moved.mean()) > 0.05  # the bodies did move
     assert sum(motion["explained_variance"]) == pytest.approx(1.0)
+    log = (job / "log.txt").read_text()
+    for name in ("b01", "b02"):
+        info = json.loads((job / "patches" / name / "fsc.json").read_text())
+        assert info["motion_resolved"] == (info["mean_change_deg"] > info["median_precision_deg"] > 0)
+        assert (f"patches/{name}: WARNING: its poses moved" in log) == (not info["motion_resolved"])
     local = json.loads((job / "patches" / "local_resolution.json").read_text())
     lr = read_map(job / "final" / "composite_local_resolution.mrc")[0]
     for b in local["bodies"]:
