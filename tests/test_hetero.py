@@ -115,10 +115,23 @@ def test_frc_gradient_features_point_uphill(morph_data):
     assert (frc_moved > frc).all()
 
 
-def test_continuous_motion_pc1_follows_morph_fraction_in_each_half(morph_data):
+@pytest.mark.parametrize("inference,epochs", [("optimise", 8), ("encoder", 20)])
+def test_continuous_motion_pc1_follows_morph_fraction_in_each_half(morph_data, inference, epochs, monkeypatch):
+    import gmmrefine.hetero.train as train
+
     sim, ps, gmms, fraction = morph_data
-    settings = HeteroSettings(epochs=20, maxres_A=RESOLUTION_A, progress=False, seed=0)
+    calls = {"latent": 0}
+    steps = train._latent_steps_
+
+    def counted(*args, **kwargs):
+        calls["latent"] += 1
+        return steps(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_latent_steps_", counted)
+    settings = HeteroSettings(epochs=epochs, maxres_A=RESOLUTION_A, progress=False, seed=0, inference=inference)
     results = train_halves(ps, gmms, settings)
+    # the optimised latents: every minibatch of every epoch, and once more at the end
+    assert (calls["latent"] > 0) == (inference == "optimise")
     table = latent_table(ps, results)
     assert table.shape == (len(ps), 4) and np.isfinite(table).all()
     for h, r in results.items():
@@ -131,7 +144,8 @@ def test_continuous_motion_pc1_follows_morph_fraction_in_each_half(morph_data):
         assert r.frc_final.mean() > r.frc_neutral.mean() + 0.02
 
 
-def test_gold_standard_half1_is_bit_identical_when_only_half2_changes(morph_data, tmp_path):
+@pytest.mark.parametrize("inference", ["optimise", "encoder"])
+def test_gold_standard_half1_is_bit_identical_when_only_half2_changes(morph_data, tmp_path, inference):
     sim, ps, gmms, _ = morph_data
     other = tmp_path / "other"
     other.mkdir()
@@ -141,11 +155,12 @@ def test_gold_standard_half1_is_bit_identical_when_only_half2_changes(morph_data
         rows = ps.image_index[ps.half(2)]
         m.data[rows] = np.random.default_rng(1).normal(size=(len(rows), ps.box, ps.box)).astype(np.float32)
     ps2 = read_particles(other / "particles.star")
-    settings = HeteroSettings(epochs=3, maxres_A=RESOLUTION_A, progress=False, seed=7)
+    settings = HeteroSettings(epochs=3, maxres_A=RESOLUTION_A, progress=False, seed=7, inference=inference)
     a = train_halves(ps, gmms, settings)
     b = train_halves(ps2, gmms, settings)
     assert np.array_equal(a[1].latents, b[1].latents)
-    for net in ("encoder", "decoder"):
+    assert (a[1].encoder is None) == (inference == "optimise")
+    for net in ("encoder", "decoder") if inference == "encoder" else ("decoder",):
         sa, sb = getattr(a[1], net).state_dict(), getattr(b[1], net).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not np.array_equal(a[2].latents, b[2].latents)

@@ -34,7 +34,8 @@ def data(tmp_path_factory, adk_open_pdb, adk_closed_pdb):
         gmm.save(sim / f"gmm_half{h}.npz")
     out = root / "hj"
     rc = cli_main(["hetero", "--particles", str(sim / "particles.star"), "--gmm1", str(sim / "gmm_half1.npz"),
-                   "--gmm2", str(sim / "gmm_half2.npz"), "--out", str(out), "--epochs", "2", "--latent-dim", "3"])
+                   "--gmm2", str(sim / "gmm_half2.npz"), "--out", str(out), "--epochs", "2", "--latent-dim", "3",
+                   "--inference", "encoder"])
     assert rc == 0
     return root, sim, out, gmm
 

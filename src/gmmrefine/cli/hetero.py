@@ -17,11 +17,13 @@ HELP = "heterogeneity analysis: per-particle latent conformations from a GMM enc
 DESCRIPTION = (
     "Learns each particle's conformation (a latent vector) from a refinement's particles and GMMs, and with "
     "--mask turns it into a pose of the masked domain. "
-    "For each half set independently, train an encoder (dense network, input: the gradient of each "
-    "particle's FRC with respect to the neutral GMM) and a decoder (latent vector -> displacement and "
-    "amplitude change of every Gaussian; a 32-Gaussian coarse GMM moves first, then every Gaussian) so that "
-    "decoded GMMs projected at the consensus poses match the phase-flipped particles (band FRC). Input: a "
-    "gmmrefine refine job (--job: final/particles.star and the last iteration's gmm_half1/2.npz) or the "
+    "For each half set independently, fit every particle's latent vector (by default a MAP estimate of its own "
+    "under a standard normal prior; --inference encoder predicts it with the paper's encoder network) and a "
+    "decoder (latent vector -> displacement and amplitude change of every Gaussian; a 32-Gaussian coarse GMM "
+    "carries the motion) so that decoded GMMs projected at the consensus poses match the particles over the "
+    "band, each ring weighted by its SNR measured on the half's own particles (--objective frc: the paper's "
+    "mean FRC). Input: a "
+"gmmrefine refine job (--job: final/particles.star and the last iteration's gmm_half1/2.npz) or the "
     "files directly (--particles, --gmm1, --gmm2). Writes latent.npy (one row per particle, in the particle "
     "file's order), particles.star with gmmLatent1..L and gmmLatentPC1 columns, latent_pca.png, "
     "training_curves.png, pc1_half{1,2}.pdb (decoded GMMs along PC1, one MODEL per frame), maps at +/-2 "
@@ -40,9 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mask (MRC, the particles' box) on a domain: also find each particle's domain pose from "
                              "its conformation and reconstruct the halves at those poses")
     parser.add_argument("--latent-dim", type=int, default=4, help="length of the latent vectors")
-    parser.add_argument("--epochs", type=int, default=20, help="training epochs per half")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs per half (default: 8 with --inference optimise, 20 with encoder)")
     parser.add_argument("--coarse-epochs", type=int, default=None,
-                        help="first epochs that move only the coarse GMM (default: half of --epochs)")
+                        help="first epochs that move only the coarse GMM (default: all of them with --inference "
+                             "optimise, half of --epochs with encoder)")
     parser.add_argument("--n-coarse", type=int, default=32, help="Gaussians of the coarse GMM")
     parser.add_argument("--batch", type=int, default=32, help="particles per optimiser step")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -54,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoder input: FRC gradient w.r.t. the neutral GMM (default) or band-limited images")
     parser.add_argument("--ctf", choices=("flip", "full"), default="flip",
                         help="compare with phase-flipped particles (flip) or CTF-multiplied projections (full)")
+    parser.add_argument("--inference", choices=("optimise", "encoder"), default="optimise",
+                        help="each particle's latent optimised on its own score with a standard normal prior "
+                             "(optimise, default), or predicted by an encoder network (encoder, the paper's)")
+    parser.add_argument("--inner-steps", type=int, default=4,
+                        help="with --inference optimise: latent steps per particle each time its minibatch comes up")
+    parser.add_argument("--objective", choices=("snr", "frc"), default="snr",
+                        help="training objective: ring correlations weighted by each particle's ring SNR, measured "
+                             "on the half's own particles (snr, default), or the paper's mean band FRC (frc)")
     parser.add_argument("--chunk", type=int, default=20000, help="particles read from disk at a time")
     parser.add_argument("--seed", type=int, default=0, help="base seed (each half derives its own)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -81,7 +93,9 @@ def _validate(args):
     from gmmrefine.hetero.train import HeteroSettings
     from gmmrefine.io.particles import read_particles
 
-    for name in ("latent_dim", "epochs", "batch", "chunk", "n_coarse"):
+    if args.epochs is None:
+        args.epochs = 8 if args.inference == "optimise" else 20
+    for name in ("latent_dim", "epochs", "batch", "chunk", "n_coarse", "inner_steps"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')}: expected at least 1, got {getattr(args, name)}.",
                              field=name)
@@ -137,7 +151,8 @@ def _validate(args):
     settings = HeteroSettings(latent_dim=args.latent_dim, epochs=args.epochs, coarse_epochs=args.coarse_epochs,
                               batch=args.batch, lr=args.lr, n_coarse=args.n_coarse,
                               encoder_input=args.encoder_input, minres_A=args.minres, maxres_A=maxres,
-                              half_maxres_A=half_maxres, ctf=args.ctf,
+                              half_maxres_A=half_maxres, ctf=args.ctf, objective=args.objective,
+                              inference=args.inference, inner_steps=args.inner_steps,
                               chunk=args.chunk, seed=args.seed, device=args.device)
     return inputs, ps, gmms, settings, mask
 

@@ -133,13 +133,14 @@ def domain_weights(gmm: GaussianMixture, mask_volume: torch.Tensor, apix: float,
     return (values > threshold).to(torch.float32)
 
 
-def domain_poses(stream, encoder, decoder, domain: torch.Tensor, settings: ConformationPoseSettings =
+def domain_poses(stream, latents: torch.Tensor, decoder, domain: torch.Tensor, settings: ConformationPoseSettings =
                  ConformationPoseSettings(), batch: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Domain poses of every particle of one half from its trained networks.
 
     Args:
         stream: :class:`gmmrefine.hetero.train.HalfStream` of the half (its neutral GMM = the decoder's).
-        encoder, decoder: the half's trained networks (moved to the stream's device here).
+        latents: ``(n, L)`` the half's latents, in the half's order; decoder: its trained decoder (moved
+            to the stream's device here).
         domain: ``(N,)`` 0/1 weights of the domain's Gaussians (:func:`domain_weights`).
         settings: optimiser settings.
         batch: particles optimised together (memory only; particles do not interact).
@@ -151,7 +152,7 @@ def domain_poses(stream, encoder, decoder, domain: torch.Tensor, settings: Confo
     from gmmrefine.geometry.rotations import matrix_to_euler
 
     dev = stream.device
-    encoder = encoder.to(dev).eval()
+    latents = latents.to(device=dev, dtype=torch.float32)
     decoder = decoder.to(dev).eval()
     neutral = GaussianMixture(decoder.centers_A, decoder.amplitudes, decoder.widths_A)
     n = len(stream)
@@ -163,7 +164,7 @@ def domain_poses(stream, encoder, decoder, domain: torch.Tensor, settings: Confo
             sl = slice(s, s + batch)
             rows = c.rows[sl].cpu()
             with torch.no_grad():
-                centers, amps = decoder(encoder(c.features[sl]))
+                centers, amps = decoder(latents[c.rows[sl]])
             res = conformation_to_pose(neutral, centers, amps, domain.to(dev), c.rotations[sl], c.translation_px[sl],
                                        stream.band, settings)
             angles[rows] = matrix_to_euler(res.rotations.to(torch.float64)).cpu()

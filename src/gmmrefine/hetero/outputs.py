@@ -97,22 +97,24 @@ def save_networks(result: HalfResult, settings: HeteroSettings, path: Path) -> N
     dec = result.decoder
     payload = {
         "half": result.half, "seed": result.seed, "latent_dim": settings.latent_dim,
-        "n_features": int(result.encoder.feature_mean.shape[0]),
+        "n_features": 0 if result.encoder is None else int(result.encoder.feature_mean.shape[0]),
         "encoder_hidden": list(settings.encoder_hidden), "decoder_hidden": list(settings.decoder_hidden),
         "coarse_scale_A": dec.coarse_scale_A, "fine_scale_A": dec.fine_scale_A,
         "amplitude_scale": dec.amplitude_scale, "stage": dec.stage,
-        "encoder": result.encoder.state_dict(), "decoder": dec.state_dict(),
+        "encoder": {} if result.encoder is None else result.encoder.state_dict(), "decoder": dec.state_dict(),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_networks(path: Path) -> tuple[Encoder, Decoder]:
-    """The networks written by :func:`save_networks` (CPU, eval mode)."""
+def load_networks(path: Path) -> tuple[Encoder | None, Decoder]:
+    """The networks written by :func:`save_networks` (CPU, eval mode; no encoder from an ``"optimise"`` run)."""
     p = torch.load(path, map_location="cpu", weights_only=True)
     gen = torch.Generator().manual_seed(0)
-    enc = Encoder(p["n_features"], p["latent_dim"], tuple(p["encoder_hidden"]), gen)
-    enc.load_state_dict(p["encoder"])
+    enc = None
+    if p["encoder"]:
+        enc = Encoder(p["n_features"], p["latent_dim"], tuple(p["encoder_hidden"]), gen)
+        enc.load_state_dict(p["encoder"])
     d = p["decoder"]
     neutral = GaussianMixture(d["centers_A"], d["amplitudes"], d["widths_A"])
     dec = Decoder(neutral, p["latent_dim"], d["blend"], tuple(p["decoder_hidden"]), gen,
@@ -120,7 +122,7 @@ def load_networks(path: Path) -> tuple[Encoder, Decoder]:
                   amplitude_scale=p["amplitude_scale"])
     dec.load_state_dict(d)
     dec.set_stage(p["stage"])
-    return enc.eval(), dec.eval()
+    return (None if enc is None else enc.eval()), dec.eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,10 +190,10 @@ def write_report(out: Path, summary: dict) -> Path:
                    for k, v in summary["table"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>gmmrefine hetero</title></head><body>
 <h1>Heterogeneity analysis</h1>
-<p>Each half set trained its own encoder and decoder on its own particles (gold standard). The decoder
-moves the neutral GMM's Gaussians (a {summary['n_coarse']}-Gaussian coarse GMM first, then every Gaussian) and
-changes their amplitudes; training maximises the band FRC between decoded projections and phase-flipped
-particles at their consensus poses.</p>
+<p>Each half set fitted its own latents and decoder on its own particles (gold standard). The decoder
+moves the neutral GMM's Gaussians (through a {summary['n_coarse']}-Gaussian coarse GMM, and with the full stage every
+Gaussian and its amplitude); training maximises the agreement over the band between decoded projections and
+the particles at their consensus poses ({html.escape(summary['objective'])}).</p>
 <table>{rows}</table>
 <h2>Latent space</h2><img src="latent_pca.png" alt="PCA of the latents of each half">
 <h2>Training</h2><img src="training_curves.png" alt="training curves">
@@ -272,12 +274,16 @@ def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: Heter
                   "FRC band": f"{settings.minres_A:g} - {settings.maxres_A:g} A" if settings.half_maxres_A is None
                   else (f"half 1: {settings.minres_A:g} - {settings.half_maxres_A[0]:g} A; "
                         f"half 2: {settings.minres_A:g} - {settings.half_maxres_A[1]:g} A"),
-                  "encoder input": settings.encoder_input}
+                  "inference": settings.inference if settings.inference == "optimise"
+                  else f"encoder (input: {settings.encoder_input})",
+                  "objective": settings.objective}
     for half_key, v in per_half.items():
         table_rows[f"half {half_key}: mean FRC neutral -> decoded"] = f"{v['frc_neutral']:.4f} -> {v['frc_final']:.4f}"
         table_rows[f"half {half_key}: PC1 variance / RMS motion at 2 sd"] = (
             f"{100 * v['explained_variance_fraction'][0]:.0f} % / {v['pc1_rms_motion_A_at_2sd']:.2f} A")
-    write_report(out, {"table": table_rows, "n_coarse": settings.n_coarse})
+    objective = ("ring correlations weighted by their SNR" if settings.objective == "snr"
+                 else "mean band FRC")
+    write_report(out, {"table": table_rows, "n_coarse": settings.n_coarse, "objective": objective})
     return summary
 
 
@@ -358,14 +364,13 @@ def write_domain_outputs(out: Path, ps, results: dict[int, HalfResult], settings
         neutral = GaussianMixture(dec.centers_A, dec.amplitudes, dec.widths_A)
         domain = domain_weights(neutral, mask, ps.apix)
         stream = HalfStream(ps, r.indices, ps.angles_deg, ps.shift_A, band, settings.for_half(h), neutral)
-        a, s, ratio = domain_poses(stream, r.encoder, dec, domain)
+        a, s, ratio = domain_poses(stream, torch.as_tensor(r.latents), dec, domain)
         angles[r.indices] = a.numpy()
         shifts[r.indices] = s.numpy()
         change = rotation_angle_deg(euler_to_matrix(torch.as_tensor(ps.angles_deg[r.indices])),
                                     euler_to_matrix(a)).numpy()
         info[str(h)] = {"n_domain_gaussians": int(domain.sum()), "mean_change_deg": float(change.mean()),
                         "std_change_deg": float(change.std()), "median_rmsd_ratio": float(ratio.median())}
-        r.encoder.cpu()
         dec.cpu()
     write_particles_star(ps, out / "particles_domain.star", angles, shifts, absolute_image_paths=True)
     # As gmmrefine refine reconstructs (Wiener-like CTF weighting), so these maps compare with its own.

@@ -1,13 +1,45 @@
 """Training of the heterogeneity networks, one half set at a time.
 
-For each half, independently (its own particles, its own neutral GMM, its own networks and its own
-seed ``half_seed(seed, half)``), the encoder maps every particle to a latent vector, the decoder turns
-it into a GMM, and both are trained to maximise the band FRC between the decoded GMM's projection at
-the particle's consensus pose and the phase-flipped particle. Particles are streamed in chunks of
-``settings.chunk`` (the band coefficients are kept in memory when they fit in ``cache_bytes``, so later
-epochs do not read the stack again); minibatches never mix halves.
+For each half, independently (its own particles, its own neutral GMM, its own decoder and its own
+seed ``half_seed(seed, half)``), every particle gets a latent vector, the decoder turns it into a GMM,
+and both are fitted so that the decoded GMM's projection at the particle's consensus pose matches the
+particle over the band. Particles are streamed in chunks of ``settings.chunk`` (the band coefficients
+are kept in memory when they fit in ``cache_bytes``, so later epochs do not read the stack again);
+minibatches never mix halves.
 
-Latent regularisation, and why: with the latents left free (no noise, weight 1e-3 on their squared
+Inference and objective (defaults ``"optimise"`` and ``"snr"``), chosen by measurement
+(``benchmarks/hetero_peer.py`` on its tuning set, seed 7: adk with the LID hinged by up to +/-8 deg per
+particle, 2,000 particles, box 128, 1 A/px, SNR 0.03; |Spearman(PC1, true hinge angle)|):
+
+* The ceiling, from no code of ours: the Bayes posterior mean of the hinge angle from the exact atomic
+  model at the true poses reaches 0.958 (300 particles of half 1); band-limited to 8 / 6 / 4 / 3 A,
+  0.768 / 0.820 / 0.908 / 0.949. The hinge moves the LID by about 2.5 A: its evidence is at high
+  resolution, so the band must reach the half's own resolution, with the noisy rings weighed down.
+* The encoder (the paper's inference: a network from the FRC gradient to the latent), mean band FRC,
+  GMMs at 8 A: 0.161 / 0.388 (halves 1 / 2) at the true poses. With GMMs and band at 4 A: 0.011 /
+  0.039; with the SNR-weighted objective too: 0.124 / 0.048. Its decoder stayed at the neutral GMM
+  (0.01 A of motion at 2 sd): from ``4 N`` = 36,000 noisy features of 1,000 particles it learnt nothing.
+* ``"optimise"`` (an auto-decoder, as cryoSPARC's 3D Flex infers its latents): each particle's
+  latent is a free parameter, a MAP estimate under a standard normal prior, moved by its own Adam
+  steps on ``nats * score - |z|^2 / 2`` while the decoder is held; the decoder then takes a step at
+  the latents plus noise. With the SNR-weighted objective, GMMs and band at 4 A, true poses, half 1:
+  0.834 (latent size 1), 0.822 (size 4, latent noise 0.5; with no noise PC1 swapped places with
+  noise-fitting directions late in training, 0.73-0.82). The full stage (per-Gaussian residuals)
+  lowered it from 0.60 to 0.04 at 6 A by fitting noise, so by default every epoch is coarse.
+* The objective ``"snr"``: the refinement's log-likelihood weights ``w_r = 2 n_r rho_r / (1 - rho_r^2)``
+  (:mod:`gmmrefine.refine.snr`), from the ring SNR measured on the half's own particles against its
+  own neutral GMM, divided by the half's mean total weight (so the score is a weighted band
+  correlation of order one); ``nats`` = that mean total weight turns it back into a log-likelihood
+  for the prior.
+* Pose refinement inside training (a per-particle rotation and shift with a 3 deg / 1.5 px prior,
+  moved with the latent) did not reduce the pose error from consensus poses 3 deg off (3.00 ->
+  3.13 deg) against GMMs of half maps made at those poses, so it is not built in: the poses come from
+  ``gmmrefine refine``, whose iterations improve the maps as well. At 3 deg off with the poses held,
+  the Bayes ceiling itself is 0.506.
+
+The paper's inference stays available (``inference="encoder"``), with the settings below.
+
+Encoder inference. Latent regularisation, and why: with the latents left free (no noise, weight 1e-3 on their squared
 length) the training FRC kept rising after the first epochs while PC1 of the latents lost the motion
 (adk morph below, 20 epochs: |Spearman(PC1, morph fraction)| 0.32 and 0.59 in the two halves, the morph
 spread over other components): 4 free dimensions per particle fit noise and pose-dependent
@@ -50,12 +82,17 @@ import numpy as np
 import torch
 
 from gmmrefine.errors import InputError
-from gmmrefine.gmm.loss import frc_loss
+from gmmrefine.gmm.loss import frc_loss, ring_correlations
 from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import FourierBand, fourier_band, project_band
 from gmmrefine.hetero.networks import Decoder, Encoder, build_decoder, half_seed, pretrain_decoder
+from gmmrefine.refine.poses import adam_step_
 
 ENCODER_INPUTS = ("gradient", "image")
+OBJECTIVES = ("snr", "frc")
+INFERENCES = ("optimise", "encoder")
+#: particles of a half on which its ring SNR is measured (the refinement's sample size)
+SNR_SAMPLE = 1000
 HALVES = (1, 2)
 
 
@@ -83,6 +120,15 @@ class HeteroSettings:
             ``maxres_A`` per half (each from that half's own resolution: no half's band depends on the
             other half's data); None: ``maxres_A`` for both.
         ctf: ``"flip"`` (phase-flipped particles, the paper's) or ``"full"`` (projections times CTF).
+        inference: how a particle's latent is found: ``"optimise"`` (each particle's latent is a free
+            parameter, moved by ``inner_steps`` Adam steps of its own, step ``latent_lr``, on its score
+            minus ``|z|^2 / 2`` (a standard normal prior) whenever its minibatch comes up, the decoder
+            held; see the module docstring) or ``"encoder"`` (the encoder network predicts it, the
+            paper's).
+        inner_steps, latent_lr: per-particle latent steps per minibatch visit, and their Adam step size.
+        objective: ``"snr"`` (ring correlations weighted by each particle's expected ring SNR, the
+            refinement's likelihood weights, measured on the half's own particles against its neutral
+            GMM; see the module docstring) or ``"frc"`` (the paper's unweighted mean over the band).
         coarse_scale_A, fine_scale_A: displacement units of the decoder heads.
         pretrain_steps: decoder pre-training steps.
         chunk: particles read at a time.
@@ -98,7 +144,7 @@ class HeteroSettings:
     batch: int = 32
     lr: float = 1e-3
     latent_l2: float = 1e-2
-    latent_noise: float = 0.3
+    latent_noise: float | None = None
     weight_decay: float = 0.0
     n_coarse: int = 32
     encoder_hidden: tuple[int, ...] = (256, 64)
@@ -108,6 +154,10 @@ class HeteroSettings:
     maxres_A: float = 8.0
     half_maxres_A: tuple[float, float] | None = None
     ctf: str = "flip"
+    objective: str = "snr"
+    inference: str = "optimise"
+    inner_steps: int = 4
+    latent_lr: float = 0.1
     coarse_scale_A: float = 5.0
     fine_scale_A: float = 1.0
     pretrain_steps: int = 100
@@ -128,6 +178,12 @@ class HeteroSettings:
             raise InputError(f"hetero: encoder input must be one of {ENCODER_INPUTS}, got {self.encoder_input!r}.")
         if self.ctf not in ("flip", "full"):
             raise InputError(f"hetero: ctf must be 'flip' or 'full', got {self.ctf!r}.")
+        if self.inference not in INFERENCES:
+            raise InputError(f"hetero: inference must be one of {INFERENCES}, got {self.inference!r}.")
+        if self.inner_steps < 1 or not self.latent_lr > 0:
+            raise InputError("hetero: inner steps must be >= 1 and the latent step size positive.")
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"hetero: objective must be one of {OBJECTIVES}, got {self.objective!r}.")
         if self.latent_dim < 1 or self.epochs < 1 or self.batch < 1 or self.chunk < 1:
             raise InputError("hetero: latent dimension, epochs, batch and chunk must be >= 1.")
         if self.coarse_epochs is not None and not (0 <= self.coarse_epochs <= self.epochs):
@@ -136,7 +192,19 @@ class HeteroSettings:
 
     @property
     def n_coarse_epochs(self) -> int:
-        return self.epochs // 2 if self.coarse_epochs is None else int(self.coarse_epochs)
+        """Epochs of the coarse stage: by default every epoch with ``"optimise"`` (measured: the full
+        stage's per-Gaussian residuals fit noise there), half of them with ``"encoder"``."""
+        if self.coarse_epochs is not None:
+            return int(self.coarse_epochs)
+        return self.epochs if self.inference == "optimise" else self.epochs // 2
+
+    @property
+    def noise(self) -> float:
+        """Latent noise of the decoder's training steps: ``latent_noise``, else 0.5 (``"optimise"``) or
+        0.3 (``"encoder"``), each the measured choice for its inference."""
+        if self.latent_noise is not None:
+            return float(self.latent_noise)
+        return 0.5 if self.inference == "optimise" else 0.3
 
 
 @dataclass
@@ -150,7 +218,7 @@ class HalfResult:
         latents: ``(n, L)`` float32 latent vectors, row ``i`` for particle ``indices[i]``.
         frc_neutral: ``(n,)`` band FRC of each particle against the neutral GMM.
         frc_final: ``(n,)`` band FRC against its decoded GMM after training.
-        encoder, decoder: the trained networks (CPU).
+        encoder, decoder: the trained networks (CPU); no encoder with the ``"optimise"`` inference.
         history: per epoch ``epoch``, ``stage``, ``loss``, ``frc`` (mean training FRC), ``seconds``.
         seconds: wall time.
     """
@@ -161,7 +229,7 @@ class HalfResult:
     latents: np.ndarray
     frc_neutral: np.ndarray
     frc_final: np.ndarray
-    encoder: Encoder
+    encoder: Encoder | None
     decoder: Decoder
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -178,6 +246,8 @@ class _Chunk:
     rotations: torch.Tensor     # (b, 3, 3)
     translation_px: torch.Tensor  # (b, 2)
     ctf: torch.Tensor | None    # (b, P) CTF for settings.ctf == "full"
+    weights: torch.Tensor | None = None   # (b, n_rings) ring weights of the "snr" objective
+    ctf_moments_source: torch.Tensor | None = None  # (b, P) CTF at the band pixels, while reading
     features: torch.Tensor | None = None  # (b, F) encoder input
     frc_neutral: torch.Tensor | None = None  # (b,) FRC against the neutral GMM
 
@@ -209,17 +279,58 @@ class HalfStream:
         self.settings = settings
         self.device = torch.device(settings.device)
         self.neutral = None if neutral is None else neutral.detach().to(device=self.device, dtype=torch.float32)
-        if settings.encoder_input == "gradient" and self.neutral is None:
+        if (settings.encoder_input == "gradient" or settings.inference == "optimise") and self.neutral is None:
             raise ValueError("HalfStream: the gradient encoder input needs the neutral GMM")
-        n_feat = 2 * band.n_pixels if self.neutral is None else n_features(self.neutral, band, settings.encoder_input)
+        if settings.inference == "optimise":
+            n_feat = 0
+        elif self.neutral is None:
+            n_feat = 2 * band.n_pixels
+        else:
+            n_feat = n_features(self.neutral, band, settings.encoder_input)
         per_particle = band.n_pixels * 8 * (2 if settings.ctf == "full" else 1) + 4 * n_feat + 64
         self._cache: list[_Chunk] | None = None
         self._cacheable = len(self.indices) * per_particle <= settings.cache_bytes
+        self.ring_snr: torch.Tensor | None = None
+        self.weight_norm = 1.0
+        if (settings.objective == "snr" or settings.inference == "optimise") and self.neutral is not None:
+            self._measure_ring_snr()
+
+    def _measure_ring_snr(self) -> None:
+        """The half's per-ring SNR, measured on up to ``SNR_SAMPLE`` of its own particles at their
+        consensus poses against its own neutral GMM (:func:`gmmrefine.refine.snr.fit_ring_snr`), and the
+        mean total weight by which every particle's weights are divided (so the objective stays a band
+        correlation of order one and the other settings keep their scale)."""
+        from gmmrefine.refine.snr import fit_ring_snr, ring_ctf_moments
+
+        assert self.neutral is not None  # the caller checked
+        band, mode = self.band, self.settings.ctf
+        corr, m1s, m2s = [], [], []
+        for c in self._read(self.indices[:SNR_SAMPLE], measure=False):
+            with torch.no_grad():
+                proj = project_band(self.neutral.centers_A, self.neutral.amplitudes, self.neutral.widths_A,
+                                    c.rotations, c.translation_px, band)
+                if c.ctf is not None:
+                    proj = proj * c.ctf
+                corr.append(ring_correlations(proj, c.target, band.ring_index, band.n_rings))
+            m1, m2 = ring_ctf_moments(c.ctf_moments_source, band.ring_index, band.n_rings)
+            m1s.append(m1)
+            m2s.append(m2)
+        self.ring_snr = fit_ring_snr(torch.cat(corr), torch.cat(m1s), torch.cat(m2s), mode).to(torch.float32)
+        total = torch.cat([self._weights(m1, m2).sum(1) for m1, m2 in zip(m1s, m2s)])
+        self.weight_norm = float(total.mean().clamp_min(1e-30))
+
+    def _weights(self, m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+        """``(b, n_rings)`` likelihood weights of particles with CTF moments ``m1``, ``m2`` (unnormalised)."""
+        from gmmrefine.refine.snr import expected_correlation, ring_weights
+
+        assert self.ring_snr is not None
+        rho = expected_correlation(self.ring_snr, m1, m2, self.settings.ctf)
+        return ring_weights(rho, self.band.ring_index, self.band.n_rings)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _read(self):
+    def _read(self, indices: np.ndarray | None = None, *, measure: bool = True):
         from gmmrefine.fourier.ctf import ctf_for_box
         from gmmrefine.geometry.rotations import euler_to_matrix
         from gmmrefine.geometry.shifts import image_translation_px
@@ -229,7 +340,7 @@ class HalfStream:
         ps, dev, band = self.ps, self.device, self.band
         position = np.empty(len(ps), dtype=np.int64)
         position[self.indices] = np.arange(len(self.indices))
-        for idx, images in iter_image_chunks(ps, self.indices, self.settings.chunk):
+        for idx, images in iter_image_chunks(ps, self.indices if indices is None else indices, self.settings.chunk):
             img = torch.from_numpy(images).to(dev)
             ctf = ctf_for_box(ps.box, ps.apix, **ps.ctf.as_tensors(idx, device=dev)).to(dev, torch.float32)
             if self.settings.ctf == "full":
@@ -239,6 +350,17 @@ class HalfStream:
             rot = euler_to_matrix(torch.as_tensor(self.angles_deg[idx], device=dev)).to(torch.float32)
             t = image_translation_px(torch.as_tensor(self.shift_A[idx], device=dev), ps.apix).to(torch.float32)
             chunk = _Chunk(torch.as_tensor(position[idx], device=dev), target, rot, t, ctf_band)
+            # the CTF the ring SNR sees: in "flip" mode the particles were multiplied by its sign only
+            chunk.ctf_moments_source = band.gather(ctf)
+            if not measure:
+                yield chunk
+                continue
+            if self.ring_snr is not None and self.settings.objective == "snr":
+                from gmmrefine.refine.snr import ring_ctf_moments
+
+                m1, m2 = ring_ctf_moments(chunk.ctf_moments_source, band.ring_index, band.n_rings)
+                chunk.weights = self._weights(m1, m2) / self.weight_norm
+            chunk.ctf_moments_source = None
             chunk.features, chunk.frc_neutral = chunk_features(chunk, self.neutral, band, self.settings)
             yield chunk
 
@@ -262,12 +384,14 @@ class HalfStream:
 
 def decoded_frc(centers_A: torch.Tensor, amplitudes: torch.Tensor, widths_A: torch.Tensor, chunk: _Chunk,
                 sl: slice | torch.Tensor, band: FourierBand) -> torch.Tensor:
-    """``(b,)`` band FRC of particles ``sl`` of ``chunk`` against GMMs with per-particle (or shared)
-    centres ``(b, N, 3)`` / ``(N, 3)`` and amplitudes at their consensus poses."""
+    """``(b,)`` band score of particles ``sl`` of ``chunk`` against GMMs with per-particle (or shared)
+    centres ``(b, N, 3)`` / ``(N, 3)`` and amplitudes at their consensus poses: the ring correlations
+    weighted by ``chunk.weights`` (the ``"snr"`` objective), or their mean (``"frc"``)."""
     proj = project_band(centers_A, amplitudes, widths_A, chunk.rotations[sl], chunk.translation_px[sl], band)
     if chunk.ctf is not None:
         proj = proj * chunk.ctf[sl]
-    return frc_loss(proj, chunk.target[sl], band.ring_index, band.n_rings)
+    weights = None if chunk.weights is None else chunk.weights[sl]
+    return frc_loss(proj, chunk.target[sl], band.ring_index, band.n_rings, weights=weights)
 
 
 def frc_gradient_features(neutral: GaussianMixture, chunk: _Chunk, sl: slice, band: FourierBand) -> tuple[
@@ -310,7 +434,13 @@ def chunk_features(chunk: _Chunk, neutral: GaussianMixture | None, band: Fourier
     feats, frcs = [], []
     for s in range(0, chunk.rows.shape[0], step):
         sl = slice(s, s + step)
-        if settings.encoder_input == "gradient":
+        if settings.inference == "optimise":
+            assert neutral is not None  # HalfStream requires it
+            # no encoder: its input is not needed, only the neutral score
+            with torch.no_grad():
+                frc = decoded_frc(neutral.centers_A, neutral.amplitudes, neutral.widths_A, chunk, sl, band)
+            f = torch.zeros(frc.shape[0], 0, device=frc.device)
+        elif settings.encoder_input == "gradient":
             assert neutral is not None  # the gradient input needs the neutral GMM
             f, frc = frc_gradient_features(neutral, chunk, sl, band)
         else:
@@ -406,6 +536,12 @@ def train_half(stream: HalfStream, settings: HeteroSettings, *, half: int, seed:
         raise ValueError("train_half: the stream has no neutral GMM")
     gen = torch.Generator().manual_seed(int(seed))
     mean, std, frc_neutral = feature_statistics(stream)
+    if settings.inference == "optimise":
+        decoder = build_decoder(neutral, settings.latent_dim, n_coarse=settings.n_coarse,
+                                hidden=settings.decoder_hidden, seed=int(seed) % (2**31), generator=gen,
+                                coarse_scale_A=settings.coarse_scale_A, fine_scale_A=settings.fine_scale_A)
+        pretrain_decoder(decoder, gen, steps=settings.pretrain_steps)
+        return _train_optimised(stream, settings, decoder, gen, frc_neutral, half=half, seed=seed, t_start=t_start)
     encoder = Encoder(mean.shape[0], settings.latent_dim, settings.encoder_hidden, gen)
     encoder.set_normalisation(mean, std)
     decoder = build_decoder(neutral, settings.latent_dim, n_coarse=settings.n_coarse, hidden=settings.decoder_hidden,
@@ -432,8 +568,8 @@ def train_half(stream: HalfStream, settings: HeteroSettings, *, half: int, seed:
                 for s in range(0, order.shape[0], settings.batch):
                     sel = order[s:s + settings.batch]
                     z = encoder(c.features[sel])
-                    if settings.latent_noise > 0:
-                        z_used = z + settings.latent_noise * torch.randn(z.shape, generator=gen).to(dev)
+                    if settings.noise > 0:
+                        z_used = z + settings.noise * torch.randn(z.shape, generator=gen).to(dev)
                     else:
                         z_used = z
                     centers, amps = decoder(z_used)
@@ -456,6 +592,94 @@ def train_half(stream: HalfStream, settings: HeteroSettings, *, half: int, seed:
                       frc_neutral=frc_neutral.cpu().numpy(), frc_final=frc_final.cpu().numpy(),
                       encoder=encoder.cpu(), decoder=decoder.cpu(), history=history,
                       seconds=time.perf_counter() - t_start)
+
+
+def _latent_steps_(z_all: torch.Tensor, m: torch.Tensor, v: torch.Tensor, decoder: Decoder, chunk: _Chunk,
+                   sel: torch.Tensor, band: FourierBand, nats: float, steps: int, first_step: int, lr: float) -> None:
+    """``steps`` Adam steps on the latents of particles ``sel`` of ``chunk`` (rows ``chunk.rows[sel]`` of
+    ``z_all``, moments ``m``, ``v``), each ascending its own ``nats * score - |z|^2 / 2``; the decoder is
+    held (no gradient reaches its parameters)."""
+    rows = chunk.rows[sel]
+    for k in range(steps):
+        z = z_all[rows].clone().requires_grad_(True)
+        with torch.enable_grad():
+            centers, amps = decoder(z)
+            objective = nats * decoded_frc(centers, amps, decoder.widths_A, chunk, sel, band) - 0.5 * (z * z).sum(1)
+            (grad,) = torch.autograd.grad(objective.sum(), [z])
+        mr, vr = m[rows], v[rows]
+        z_all[rows] = adam_step_(z.detach(), -grad, mr, vr, first_step + k, lr, (0.9, 0.999), 1e-8)
+        m[rows], v[rows] = mr, vr
+
+
+def _train_optimised(stream: HalfStream, settings: HeteroSettings, decoder: Decoder, gen: torch.Generator,
+                     frc_neutral: torch.Tensor, *, half: int, seed: int, t_start: float) -> HalfResult:
+    """The ``"optimise"`` inference: per-particle latents and the decoder, trained in turns.
+
+    Every minibatch: ``inner_steps`` steps on its particles' latents with the decoder held (each latent
+    keeps its own Adam moments from one visit to the next), then one decoder step at those latents
+    plus noise (``settings.noise``). After the last epoch every latent takes ``inner_steps`` more steps
+    against the final decoder. The score is put in nats (``stream.weight_norm``, the half's mean total
+    likelihood weight) so that the standard normal prior on the latents weighs against the evidence
+    as a log-likelihood would.
+    """
+    from tqdm import tqdm
+
+    dev, band = stream.device, stream.band
+    n = len(stream)
+    decoder.to(dev)
+    opt = torch.optim.Adam(decoder.stage_parameters("full"), lr=settings.lr)
+    z_all = (0.1 * torch.randn(n, settings.latent_dim, generator=gen)).to(dev)
+    m, v = torch.zeros_like(z_all), torch.zeros_like(z_all)
+    nats = stream.weight_norm
+    steps = settings.inner_steps
+    history: list[dict] = []
+    bar = tqdm(total=(settings.epochs + 1) * n, desc=f"hetero half {half}", unit="particle",
+               disable=None if settings.progress else True)
+    try:
+        for epoch in range(settings.epochs):
+            t0 = time.perf_counter()
+            decoder.set_stage("coarse" if epoch < settings.n_coarse_epochs else "full")
+            sum_loss = sum_frc = 0.0
+            for c in stream.chunks():
+                order = torch.randperm(c.rows.shape[0], generator=gen).to(dev)
+                for s in range(0, order.shape[0], settings.batch):
+                    sel = order[s:s + settings.batch]
+                    _latent_steps_(z_all, m, v, decoder, c, sel, band, nats, steps, epoch * steps + 1,
+                                   settings.latent_lr)
+                    z = z_all[c.rows[sel]]
+                    z_used = z + settings.noise * torch.randn(z.shape, generator=gen).to(dev)
+                    centers, amps = decoder(z_used)
+                    frc = decoded_frc(centers, amps, decoder.widths_A, c, sel, band)
+                    loss = -frc.mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sum_loss += float(loss.detach()) * sel.shape[0]
+                    sum_frc += float(frc.detach().sum())
+                    bar.update(sel.shape[0])
+            history.append({"epoch": epoch + 1, "stage": decoder.stage, "loss": sum_loss / n, "frc": sum_frc / n,
+                            "seconds": time.perf_counter() - t0})
+        decoder.eval()
+        for p in decoder.parameters():
+            p.grad = None
+        for c in stream.chunks():  # the latents' last steps, against the final decoder
+            for s in range(0, c.rows.shape[0], settings.batch):
+                sel = torch.arange(s, min(s + settings.batch, c.rows.shape[0]), device=dev)
+                _latent_steps_(z_all, m, v, decoder, c, sel, band, nats, steps, settings.epochs * steps + 1,
+                               settings.latent_lr)
+                bar.update(sel.shape[0])
+    finally:
+        bar.close()
+    frc_final = torch.zeros(n, device=dev)
+    with torch.no_grad():
+        for c in stream.chunks():
+            for s in range(0, c.rows.shape[0], 4 * settings.batch):
+                sl = slice(s, s + 4 * settings.batch)
+                centers, amps = decoder(z_all[c.rows[sl]])
+                frc_final[c.rows[sl]] = decoded_frc(centers, amps, decoder.widths_A, c, sl, band)
+    return HalfResult(half=half, seed=int(seed), indices=stream.indices, latents=z_all.cpu().numpy(),
+                      frc_neutral=frc_neutral.cpu().numpy(), frc_final=frc_final.cpu().numpy(),
+                      encoder=None, decoder=decoder.cpu(), history=history, seconds=time.perf_counter() - t_start)
 
 
 def hetero_band(ps, settings: HeteroSettings) -> FourierBand:
