@@ -497,25 +497,63 @@ def feature_statistics(stream: HalfStream) -> tuple[torch.Tensor, torch.Tensor, 
 # Training
 # ------------------------------------------------------------------------------------------------
 
-def _latents(encoder: Encoder, decoder: Decoder, stream: HalfStream, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(latents (n, L), frc (n,))`` of every particle with the current networks."""
+def _latents(encoder: Encoder | None, decoder: Decoder, stream: HalfStream, batch: int,
+             fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(latents (n, L), frc (n,))`` of every particle: the encoder's, or the ``fixed`` ``(n, L)`` ones
+    (in the half's order), with the current decoder."""
     n = len(stream)
-    z_all = torch.zeros(n, cast(torch.nn.Linear, encoder.net[-1]).out_features, device=stream.device)
+    z_all = torch.zeros(n, decoder.latent_dim, device=stream.device) if fixed is None else fixed
     frc_all = torch.zeros(n, device=stream.device)
     with torch.no_grad():
         for c in stream.chunks():
             for s in range(0, c.rows.shape[0], batch):
                 sl = slice(s, s + batch)
                 rows = c.rows[sl]
-                z = encoder(c.features[sl])
-                centers, amps = decoder(z)
-                z_all[rows] = z
+                if fixed is None:
+                    assert encoder is not None  # one of the two is given
+                    z_all[rows] = encoder(c.features[sl])
+                centers, amps = decoder(z_all[rows])
                 frc_all[rows] = decoded_frc(centers, amps, decoder.widths_A, c, sl, stream.band)
     return z_all, frc_all
 
 
+@dataclass
+class _FreeLatents:
+    """The ``"optimise"`` inference's per-particle latents of one half, ``(n, L)`` in the half's order, with
+    each latent's own Adam moments, and ``nats`` (``stream.weight_norm``, the half's mean total likelihood
+    weight) that puts the score back in log-likelihood units so the standard normal prior weighs against
+    the evidence as it should."""
+
+    z: torch.Tensor
+    m: torch.Tensor
+    v: torch.Tensor
+    nats: float
+
+    def steps_(self, decoder: Decoder, chunk: _Chunk, sel: torch.Tensor, band: FourierBand, steps: int,
+               first_step: int, lr: float) -> None:
+        """``steps`` Adam steps on the latents of particles ``sel`` of ``chunk``, each ascending its own
+        ``nats * score - |z|^2 / 2`` with the decoder held (no gradient reaches its parameters)."""
+        rows = chunk.rows[sel]
+        for k in range(steps):
+            z = self.z[rows].clone().requires_grad_(True)
+            with torch.enable_grad():
+                centers, amps = decoder(z)
+                objective = (self.nats * decoded_frc(centers, amps, decoder.widths_A, chunk, sel, band)
+                             - 0.5 * (z * z).sum(1))
+                (grad,) = torch.autograd.grad(objective.sum(), [z])
+            m, v = self.m[rows], self.v[rows]
+            self.z[rows] = adam_step_(z.detach(), -grad, m, v, first_step + k, lr, (0.9, 0.999), 1e-8)
+            self.m[rows], self.v[rows] = m, v
+
+
 def train_half(stream: HalfStream, settings: HeteroSettings, *, half: int, seed: int) -> HalfResult:
-    """Train the encoder and decoder of one half set on its particles.
+    """Train one half set's decoder, and its latents (``"optimise"``) or encoder (``"encoder"``).
+
+    Every minibatch: with ``"optimise"``, ``inner_steps`` steps on its particles' latents with the decoder
+    held (:meth:`_FreeLatents.steps_`), then one decoder step at those latents plus noise
+    (``settings.noise``); after the last epoch every latent takes ``inner_steps`` more steps against the
+    final decoder. With ``"encoder"``, one step of encoder and decoder together at the encoded latents
+    plus noise, with ``latent_l2`` on the latents' length.
 
     Args:
         stream: the half's particles and its neutral GMM (``stream.neutral``).
@@ -536,27 +574,29 @@ def train_half(stream: HalfStream, settings: HeteroSettings, *, half: int, seed:
         raise ValueError("train_half: the stream has no neutral GMM")
     gen = torch.Generator().manual_seed(int(seed))
     mean, std, frc_neutral = feature_statistics(stream)
-    if settings.inference == "optimise":
-        decoder = build_decoder(neutral, settings.latent_dim, n_coarse=settings.n_coarse,
-                                hidden=settings.decoder_hidden, seed=int(seed) % (2**31), generator=gen,
-                                coarse_scale_A=settings.coarse_scale_A, fine_scale_A=settings.fine_scale_A)
-        pretrain_decoder(decoder, gen, steps=settings.pretrain_steps)
-        return _train_optimised(stream, settings, decoder, gen, frc_neutral, half=half, seed=seed, t_start=t_start)
-    encoder = Encoder(mean.shape[0], settings.latent_dim, settings.encoder_hidden, gen)
-    encoder.set_normalisation(mean, std)
+    optimise = settings.inference == "optimise"
+    encoder = None
+    if not optimise:
+        encoder = Encoder(mean.shape[0], settings.latent_dim, settings.encoder_hidden, gen)
+        encoder.set_normalisation(mean, std)
     decoder = build_decoder(neutral, settings.latent_dim, n_coarse=settings.n_coarse, hidden=settings.decoder_hidden,
                             seed=int(seed) % (2**31), generator=gen, coarse_scale_A=settings.coarse_scale_A,
                             fine_scale_A=settings.fine_scale_A)
     pretrain_decoder(decoder, gen, steps=settings.pretrain_steps)
-    encoder.to(dev)
     decoder.to(dev)
-    param_groups: list[dict[str, Any]] = [
-        {"params": list(encoder.parameters()), "weight_decay": settings.weight_decay},
-        {"params": decoder.stage_parameters("full")}]
-    opt = torch.optim.Adam(param_groups, lr=settings.lr)
-    history: list[dict] = []
     n = len(stream)
-    bar = tqdm(total=settings.epochs * n, desc=f"hetero half {half}", unit="particle",
+    param_groups: list[dict[str, Any]] = [{"params": decoder.stage_parameters("full")}]
+    free = None
+    if encoder is not None:
+        encoder.to(dev)
+        param_groups.insert(0, {"params": list(encoder.parameters()), "weight_decay": settings.weight_decay})
+    else:
+        z0 = (0.1 * torch.randn(n, settings.latent_dim, generator=gen)).to(dev)
+        free = _FreeLatents(z0, torch.zeros_like(z0), torch.zeros_like(z0), stream.weight_norm)
+    opt = torch.optim.Adam(param_groups, lr=settings.lr)
+    steps = settings.inner_steps
+    history: list[dict] = []
+    bar = tqdm(total=(settings.epochs + optimise) * n, desc=f"hetero half {half}", unit="particle",
                disable=None if settings.progress else True)
     try:
         for epoch in range(settings.epochs):
@@ -567,90 +607,21 @@ def train_half(stream: HalfStream, settings: HeteroSettings, *, half: int, seed:
                 order = torch.randperm(c.rows.shape[0], generator=gen).to(dev)
                 for s in range(0, order.shape[0], settings.batch):
                     sel = order[s:s + settings.batch]
-                    z = encoder(c.features[sel])
+                    if free is not None:
+                        free.steps_(decoder, c, sel, band, steps, epoch * steps + 1, settings.latent_lr)
+                        z = free.z[c.rows[sel]]
+                    else:
+                        assert encoder is not None
+                        z = encoder(c.features[sel])
                     if settings.noise > 0:
                         z_used = z + settings.noise * torch.randn(z.shape, generator=gen).to(dev)
                     else:
                         z_used = z
                     centers, amps = decoder(z_used)
                     frc = decoded_frc(centers, amps, decoder.widths_A, c, sel, band)
-                    loss = -frc.mean() + settings.latent_l2 * (z * z).sum(1).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sum_loss += float(loss.detach()) * sel.shape[0]
-                    sum_frc += float(frc.detach().sum())
-                    bar.update(sel.shape[0])
-            history.append({"epoch": epoch + 1, "stage": decoder.stage, "loss": sum_loss / n, "frc": sum_frc / n,
-                            "seconds": time.perf_counter() - t0})
-    finally:
-        bar.close()
-    encoder.eval()
-    decoder.eval()
-    latents, frc_final = _latents(encoder, decoder, stream, 4 * settings.batch)
-    return HalfResult(half=half, seed=int(seed), indices=stream.indices, latents=latents.cpu().numpy(),
-                      frc_neutral=frc_neutral.cpu().numpy(), frc_final=frc_final.cpu().numpy(),
-                      encoder=encoder.cpu(), decoder=decoder.cpu(), history=history,
-                      seconds=time.perf_counter() - t_start)
-
-
-def _latent_steps_(z_all: torch.Tensor, m: torch.Tensor, v: torch.Tensor, decoder: Decoder, chunk: _Chunk,
-                   sel: torch.Tensor, band: FourierBand, nats: float, steps: int, first_step: int, lr: float) -> None:
-    """``steps`` Adam steps on the latents of particles ``sel`` of ``chunk`` (rows ``chunk.rows[sel]`` of
-    ``z_all``, moments ``m``, ``v``), each ascending its own ``nats * score - |z|^2 / 2``; the decoder is
-    held (no gradient reaches its parameters)."""
-    rows = chunk.rows[sel]
-    for k in range(steps):
-        z = z_all[rows].clone().requires_grad_(True)
-        with torch.enable_grad():
-            centers, amps = decoder(z)
-            objective = nats * decoded_frc(centers, amps, decoder.widths_A, chunk, sel, band) - 0.5 * (z * z).sum(1)
-            (grad,) = torch.autograd.grad(objective.sum(), [z])
-        mr, vr = m[rows], v[rows]
-        z_all[rows] = adam_step_(z.detach(), -grad, mr, vr, first_step + k, lr, (0.9, 0.999), 1e-8)
-        m[rows], v[rows] = mr, vr
-
-
-def _train_optimised(stream: HalfStream, settings: HeteroSettings, decoder: Decoder, gen: torch.Generator,
-                     frc_neutral: torch.Tensor, *, half: int, seed: int, t_start: float) -> HalfResult:
-    """The ``"optimise"`` inference: per-particle latents and the decoder, trained in turns.
-
-    Every minibatch: ``inner_steps`` steps on its particles' latents with the decoder held (each latent
-    keeps its own Adam moments from one visit to the next), then one decoder step at those latents
-    plus noise (``settings.noise``). After the last epoch every latent takes ``inner_steps`` more steps
-    against the final decoder. The score is put in nats (``stream.weight_norm``, the half's mean total
-    likelihood weight) so that the standard normal prior on the latents weighs against the evidence
-    as a log-likelihood would.
-    """
-    from tqdm import tqdm
-
-    dev, band = stream.device, stream.band
-    n = len(stream)
-    decoder.to(dev)
-    opt = torch.optim.Adam(decoder.stage_parameters("full"), lr=settings.lr)
-    z_all = (0.1 * torch.randn(n, settings.latent_dim, generator=gen)).to(dev)
-    m, v = torch.zeros_like(z_all), torch.zeros_like(z_all)
-    nats = stream.weight_norm
-    steps = settings.inner_steps
-    history: list[dict] = []
-    bar = tqdm(total=(settings.epochs + 1) * n, desc=f"hetero half {half}", unit="particle",
-               disable=None if settings.progress else True)
-    try:
-        for epoch in range(settings.epochs):
-            t0 = time.perf_counter()
-            decoder.set_stage("coarse" if epoch < settings.n_coarse_epochs else "full")
-            sum_loss = sum_frc = 0.0
-            for c in stream.chunks():
-                order = torch.randperm(c.rows.shape[0], generator=gen).to(dev)
-                for s in range(0, order.shape[0], settings.batch):
-                    sel = order[s:s + settings.batch]
-                    _latent_steps_(z_all, m, v, decoder, c, sel, band, nats, steps, epoch * steps + 1,
-                                   settings.latent_lr)
-                    z = z_all[c.rows[sel]]
-                    z_used = z + settings.noise * torch.randn(z.shape, generator=gen).to(dev)
-                    centers, amps = decoder(z_used)
-                    frc = decoded_frc(centers, amps, decoder.widths_A, c, sel, band)
                     loss = -frc.mean()
+                    if encoder is not None:
+                        loss = loss + settings.latent_l2 * (z * z).sum(1).mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -660,26 +631,24 @@ def _train_optimised(stream: HalfStream, settings: HeteroSettings, decoder: Deco
             history.append({"epoch": epoch + 1, "stage": decoder.stage, "loss": sum_loss / n, "frc": sum_frc / n,
                             "seconds": time.perf_counter() - t0})
         decoder.eval()
-        for p in decoder.parameters():
-            p.grad = None
-        for c in stream.chunks():  # the latents' last steps, against the final decoder
-            for s in range(0, c.rows.shape[0], settings.batch):
-                sel = torch.arange(s, min(s + settings.batch, c.rows.shape[0]), device=dev)
-                _latent_steps_(z_all, m, v, decoder, c, sel, band, nats, steps, settings.epochs * steps + 1,
-                               settings.latent_lr)
-                bar.update(sel.shape[0])
+        if free is not None:
+            for prm in decoder.parameters():
+                prm.grad = None
+            for c in stream.chunks():  # the latents' last steps, against the final decoder
+                for s in range(0, c.rows.shape[0], settings.batch):
+                    sel = torch.arange(s, min(s + settings.batch, c.rows.shape[0]), device=dev)
+                    free.steps_(decoder, c, sel, band, steps, settings.epochs * steps + 1, settings.latent_lr)
+                    bar.update(sel.shape[0])
     finally:
         bar.close()
-    frc_final = torch.zeros(n, device=dev)
-    with torch.no_grad():
-        for c in stream.chunks():
-            for s in range(0, c.rows.shape[0], 4 * settings.batch):
-                sl = slice(s, s + 4 * settings.batch)
-                centers, amps = decoder(z_all[c.rows[sl]])
-                frc_final[c.rows[sl]] = decoded_frc(centers, amps, decoder.widths_A, c, sl, band)
-    return HalfResult(half=half, seed=int(seed), indices=stream.indices, latents=z_all.cpu().numpy(),
+    if encoder is not None:
+        encoder.eval()
+    latents, frc_final = _latents(encoder, decoder, stream, 4 * settings.batch,
+                                  None if free is None else free.z)
+    return HalfResult(half=half, seed=int(seed), indices=stream.indices, latents=latents.cpu().numpy(),
                       frc_neutral=frc_neutral.cpu().numpy(), frc_final=frc_final.cpu().numpy(),
-                      encoder=None, decoder=decoder.cpu(), history=history, seconds=time.perf_counter() - t_start)
+                      encoder=None if encoder is None else encoder.cpu(), decoder=decoder.cpu(), history=history,
+                      seconds=time.perf_counter() - t_start)
 
 
 def hetero_band(ps, settings: HeteroSettings) -> FourierBand:
