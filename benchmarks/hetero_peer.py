@@ -319,6 +319,9 @@ def main() -> int:
         jobs["consensus"] = consensus_job(sim, out)
         stars["consensus"] = jobs["consensus"] / "final" / "particles.star"
         results_refine_s = time.perf_counter() - t_refine
+        # a finished job reused: its own account, the log's last line "done in N s: ..."
+        done = re.findall(r"done in (\d+) s", (jobs["consensus"] / "log.txt").read_text())
+        results_refine_s = float(done[-1]) if done else results_refine_s
     results: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "cpu_count": os.cpu_count(), "arms": {}}
     if "consensus" in stars:
