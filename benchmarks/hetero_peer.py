@@ -132,6 +132,14 @@ def _ours_result(sim: Path, star: Path, job: Path, run: dict) -> dict:
             "band_A": summary.get("settings", {}).get("half_maxres_A") or summary.get("settings", {}).get("maxres_A")}
 
 
+def simulation_source(sim: Path):
+    """``(settings, source, box, apix)`` of a simulation folder: the model its particles were made from."""
+    from gmmrefine.cli.simulate import build_source
+
+    info = json.loads((sim / "simulation.json").read_text())
+    return (info, *build_source(argparse.Namespace(**dict(info, model=Path(info["model"])))))
+
+
 def cluster_maps(sim: Path, job: Path, refine_job: Path) -> dict:
     """The extreme clusters' maps of our consensus arm against the truth at their conformations.
 
@@ -140,14 +148,12 @@ def cluster_maps(sim: Path, job: Path, refine_job: Path) -> dict:
     cluster's reconstruction to it, of the same cluster's map to the other extreme's truth, and of the
     consensus half map (``refine_job/final/half{h}.mrc``, brought to the cluster map's grid) to it.
     """
-    from gmmrefine.cli.simulate import build_source
     from gmmrefine.io.mrc import read_map
     from gmmrefine.io.star import read_star
     from gmmrefine.pipeline.evaluate import masked_fsc_to_truth, on_grid_of
     from gmmrefine.simulate.density import atoms_to_map
 
-    info = json.loads((sim / "simulation.json").read_text())
-    source, box, apix = build_source(argparse.Namespace(**dict(info, model=Path(info["model"]))))
+    _, source, box, apix = simulation_source(sim)
     truth = read_star(sim / "truth.star")["particles"][TRUTH_COLUMN].to_numpy(np.float64)
     table = read_star(job / "particles.star")["particles"]
     label, subset = table["gmmLatentCluster"].to_numpy(int), table["rlnRandomSubset"].to_numpy(int)
@@ -180,13 +186,11 @@ def oracle(sim: Path, star: Path, args) -> dict:
     """Bayes posterior-mean hinge angle from the exact atomic model at the poses of ``star`` (see item 5)."""
     from scipy.stats import spearmanr
 
-    from gmmrefine.cli.simulate import build_source
     from gmmrefine.io.particles import iter_image_chunks, read_particles
     from gmmrefine.io.star import read_star
     from gmmrefine.simulate.particles import Truth, clean_images
 
-    info = json.loads((sim / "simulation.json").read_text())
-    source, box, apix = build_source(argparse.Namespace(**dict(info, model=Path(info["model"]))))
+    info, source, box, apix = simulation_source(sim)
     ps = read_particles(star)
     truth = read_star(sim / "truth.star")["particles"][TRUTH_COLUMN].to_numpy(np.float64)
     grid = np.linspace(-info["hinge_deg"], info["hinge_deg"], 33)

@@ -82,7 +82,7 @@ import numpy as np
 import torch
 
 from gmmrefine.errors import InputError
-from gmmrefine.gmm.loss import frc_loss, ring_correlations
+from gmmrefine.gmm.loss import frc_loss
 from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import FourierBand, fourier_band, project_band
 from gmmrefine.hetero.networks import Decoder, Encoder, build_decoder, half_seed, pretrain_decoder
@@ -91,8 +91,6 @@ from gmmrefine.refine.poses import adam_step_
 ENCODER_INPUTS = ("gradient", "image")
 OBJECTIVES = ("snr", "frc")
 INFERENCES = ("optimise", "encoder")
-#: particles of a half on which its ring SNR is measured (the refinement's sample size)
-SNR_SAMPLE = 1000
 HALVES = (1, 2)
 
 
@@ -247,7 +245,7 @@ class _Chunk:
     translation_px: torch.Tensor  # (b, 2)
     ctf: torch.Tensor | None    # (b, P) CTF for settings.ctf == "full"
     weights: torch.Tensor | None = None   # (b, n_rings) ring weights of the "snr" objective
-    ctf_moments_source: torch.Tensor | None = None  # (b, P) CTF at the band pixels, while reading
+    ctf_moments: tuple[torch.Tensor, torch.Tensor] | None = None  # (b, n_rings) ring means of |CTF|, CTF^2
     features: torch.Tensor | None = None  # (b, F) encoder input
     frc_neutral: torch.Tensor | None = None  # (b,) FRC against the neutral GMM
 
@@ -280,7 +278,7 @@ class HalfStream:
         self.device = torch.device(settings.device)
         self.neutral = None if neutral is None else neutral.detach().to(device=self.device, dtype=torch.float32)
         if (settings.encoder_input == "gradient" or settings.inference == "optimise") and self.neutral is None:
-            raise ValueError("HalfStream: the gradient encoder input needs the neutral GMM")
+            raise ValueError("HalfStream: the optimised latents and the gradient encoder input need the neutral GMM")
         if settings.inference == "optimise":
             n_feat = 0
         elif self.neutral is None:
@@ -296,26 +294,25 @@ class HalfStream:
             self._measure_ring_snr()
 
     def _measure_ring_snr(self) -> None:
-        """The half's per-ring SNR, measured on up to ``SNR_SAMPLE`` of its own particles at their
-        consensus poses against its own neutral GMM (:func:`gmmrefine.refine.snr.fit_ring_snr`), and the
-        mean total weight by which every particle's weights are divided (so the objective stays a band
+        """The half's per-ring SNR, measured as the refinement measures it (on
+        :data:`~gmmrefine.refine.global_refine.SNR_SAMPLE` of its own particles spread over the half, at
+        their consensus poses, against its own neutral GMM; :func:`gmmrefine.refine.snr.fit_ring_snr`), and
+        the mean total weight by which every particle's weights are divided (so the objective stays a band
         correlation of order one and the other settings keep their scale)."""
-        from gmmrefine.refine.snr import fit_ring_snr, ring_ctf_moments
+        from gmmrefine.refine.global_refine import sample_rows
+        from gmmrefine.refine.poses import ring_correlations_at
+        from gmmrefine.refine.snr import fit_ring_snr
 
         assert self.neutral is not None  # the caller checked
-        band, mode = self.band, self.settings.ctf
         corr, m1s, m2s = [], [], []
-        for c in self._read(self.indices[:SNR_SAMPLE], measure=False):
-            with torch.no_grad():
-                proj = project_band(self.neutral.centers_A, self.neutral.amplitudes, self.neutral.widths_A,
-                                    c.rotations, c.translation_px, band)
-                if c.ctf is not None:
-                    proj = proj * c.ctf
-                corr.append(ring_correlations(proj, c.target, band.ring_index, band.n_rings))
-            m1, m2 = ring_ctf_moments(c.ctf_moments_source, band.ring_index, band.n_rings)
-            m1s.append(m1)
-            m2s.append(m2)
-        self.ring_snr = fit_ring_snr(torch.cat(corr), torch.cat(m1s), torch.cat(m2s), mode).to(torch.float32)
+        for c in self._read(self.indices[sample_rows(len(self.indices))], measure=False):
+            corr.append(ring_correlations_at(self.neutral, c.target, c.rotations, c.translation_px, self.band,
+                                             ctf=c.ctf))
+            assert c.ctf_moments is not None  # _read sets them
+            m1s.append(c.ctf_moments[0])
+            m2s.append(c.ctf_moments[1])
+        self.ring_snr = fit_ring_snr(torch.cat(corr), torch.cat(m1s), torch.cat(m2s),
+                                     self.settings.ctf).to(torch.float32)
         total = torch.cat([self._weights(m1, m2).sum(1) for m1, m2 in zip(m1s, m2s)])
         self.weight_norm = float(total.mean().clamp_min(1e-30))
 
@@ -336,6 +333,7 @@ class HalfStream:
         from gmmrefine.geometry.shifts import image_translation_px
         from gmmrefine.io.particles import iter_image_chunks
         from gmmrefine.refine.poses import particle_band
+        from gmmrefine.refine.snr import ring_ctf_moments
 
         ps, dev, band = self.ps, self.device, self.band
         position = np.empty(len(ps), dtype=np.int64)
@@ -350,17 +348,13 @@ class HalfStream:
             rot = euler_to_matrix(torch.as_tensor(self.angles_deg[idx], device=dev)).to(torch.float32)
             t = image_translation_px(torch.as_tensor(self.shift_A[idx], device=dev), ps.apix).to(torch.float32)
             chunk = _Chunk(torch.as_tensor(position[idx], device=dev), target, rot, t, ctf_band)
-            # the CTF the ring SNR sees: in "flip" mode the particles were multiplied by its sign only
-            chunk.ctf_moments_source = band.gather(ctf)
+            # the CTF moments set each particle's expected ring SNR, in "flip" mode too (|CTF| there)
+            chunk.ctf_moments = ring_ctf_moments(band.gather(ctf), band.ring_index, band.n_rings)
             if not measure:
                 yield chunk
                 continue
             if self.ring_snr is not None and self.settings.objective == "snr":
-                from gmmrefine.refine.snr import ring_ctf_moments
-
-                m1, m2 = ring_ctf_moments(chunk.ctf_moments_source, band.ring_index, band.n_rings)
-                chunk.weights = self._weights(m1, m2) / self.weight_norm
-            chunk.ctf_moments_source = None
+                chunk.weights = self._weights(*chunk.ctf_moments) / self.weight_norm
             chunk.features, chunk.frc_neutral = chunk_features(chunk, self.neutral, band, self.settings)
             yield chunk
 

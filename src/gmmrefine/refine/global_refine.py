@@ -465,7 +465,7 @@ def comparison_inputs(images: torch.Tensor, ctf: torch.Tensor, band, ctf_mode: s
     return target, (full if ctf_mode == "full" else None), rho
 
 
-def _sample_rows(n: int, size: int = SNR_SAMPLE) -> np.ndarray:
+def sample_rows(n: int, size: int = SNR_SAMPLE) -> np.ndarray:
     """``size`` rows of a half (``0..n-1``) spread evenly: the particles a measurement uses."""
     return np.unique(np.linspace(0, n - 1, min(n, size)).round().astype(np.int64))
 
@@ -543,7 +543,7 @@ def measure_ring_snr(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: n
     from gmmrefine.refine.snr import fit_ring_snr
 
     corr, m1s, m2s = [], [], []
-    for b in _sample_blocks(ps, indices, _sample_rows(len(indices)), angles_deg, shift_A, band, ctf_mode, device,
+    for b in _sample_blocks(ps, indices, sample_rows(len(indices)), angles_deg, shift_A, band, ctf_mode, device,
                             subtract):
         corr.append(ring_correlations_at(gmm, b.target, b.rotations, b.translation_px, band, ctf=b.ctf_band))
         m1s.append(b.m1)
@@ -584,7 +584,7 @@ def reference_spread(ps, indices: np.ndarray, angles_deg: np.ndarray, shift_A: n
         ``{"k_deg", "k_A", "factor_deg", "factor_A", "spread_rms_deg", "spread_rms_A", "n"}``.
     """
     device = torch.device(settings.device)
-    rows = _sample_rows(len(indices), PRECISION_SAMPLE)
+    rows = sample_rows(len(indices), PRECISION_SAMPLE)
     gmm = other_gmm.to(device=device, dtype=torch.float32)
     pose = resolve_batch(settings.pose, device, gmm.n, band, ps.box)
     ring_snr = measure_ring_snr(ps, indices, angles_deg, shift_A, gmm, band, settings.ctf, device, subtract)

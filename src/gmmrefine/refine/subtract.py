@@ -130,11 +130,11 @@ def measure_scale(ps, indices: np.ndarray, sub: Subtraction, band: FourierBand, 
     Returns:
         ``(R,)`` float32 on ``device``.
     """
-    from gmmrefine.refine.global_refine import _sample_blocks, _sample_rows
+    from gmmrefine.refine.global_refine import _sample_blocks, sample_rows
 
     num = torch.zeros(band.n_rings, dtype=torch.float64, device=device)
     den = torch.zeros(band.n_rings, dtype=torch.float64, device=device)
-    for b in _sample_blocks(ps, indices, _sample_rows(len(indices)), sub.angles_deg[indices], sub.shift_A[indices],
+    for b in _sample_blocks(ps, indices, sample_rows(len(indices)), sub.angles_deg[indices], sub.shift_A[indices],
                             band, ctf_mode, device):
         model = model_ctf(b.ctf_full, ctf_mode) * _project(sub.whole, b.rotations, b.translation_px, band)
         num.index_add_(0, band.ring_index, (model.conj() * b.target).real.sum(0).to(torch.float64))
