@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gmmrefine.geometry.rotations import axis_angle_to_matrix, random_rotations, rotation_angle_deg
-from gmmrefine.gmm.loss import frc_loss, ring_correlations
+from gmmrefine.gmm.loss import frc_loss, ring_correlations, ring_sums
 from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import fourier_band, project_gmm, project_gmm_with_pose_jacobian
 from gmmrefine.gmm.render import render_image
@@ -178,3 +178,46 @@ def test_newton_batch_does_not_change_results_and_counts_its_path(setup, monkeyp
     torch.testing.assert_close(a.rotations, b.rotations, atol=2e-5, rtol=0)
     torch.testing.assert_close(a.translation_px, b.translation_px, atol=1e-4, rtol=0)
     assert torch.equal(a.steps, b.steps)
+
+
+def test_short_steps_are_scored_alone_and_land_where_full_evaluations_do(setup, monkeypatch):
+    """A step shorter than the tolerance is tried with one projection (its score) instead of four; the
+    poses, step counts and precisions are those of trying every step with the full Jacobian."""
+    d = _data(setup["gmm"], 1.0, 8, n=24)
+    gmm, band = setup["gmm"], setup["band"]
+    parts = particle_band(d["noisy"], band)
+    rho = expected_correlation(fit_ring_snr(ring_correlations_at(gmm, parts, d["rot0"], d["t0"], band),
+                                            *ring_ctf_moments(None, band.ring_index, band.n_rings, batch=24),
+                                            "flip").float(),
+                               *ring_ctf_moments(None, band.ring_index, band.n_rings, batch=24), "flip")
+    scored = {"particles": 0}
+    real_score, real_fit = poses_module._score_at, poses_module._fit_at
+
+    def counting(gmm_, target, *args):
+        scored["particles"] += target.shape[0]
+        return real_score(gmm_, target, *args)
+
+    monkeypatch.setattr(poses_module, "_score_at", counting)
+    lazy = refine_poses(gmm, parts, d["rot0"], d["t0"], band, PoseSettings(batch=24), rho=rho)
+    # every particle that stopped ended on a short step, scored alone
+    assert scored["particles"] >= int((lazy.steps < PoseSettings().n_steps).sum()) > 12
+
+    def full(gmm_, target, target_power, rot, t, band_, weight, ring_w):   # the Jacobian every time
+        fit = real_fit(gmm_, target, target_power, rot, t, band_, weight, ring_w,
+                       torch.ones_like(ring_w))
+        return fit.score, fit.frc
+
+    monkeypatch.setattr(poses_module, "_score_at", full)
+    eager = refine_poses(gmm, parts, d["rot0"], d["t0"], band, PoseSettings(batch=24), rho=rho)
+    torch.testing.assert_close(lazy.rotations, eager.rotations, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lazy.translation_px, eager.translation_px, atol=1e-4, rtol=0)
+    assert torch.equal(lazy.steps, eager.steps)
+    # the precision comes from the Fisher information a fraction of a standard deviation before the last
+    # step: within a few per cent of that at the final pose
+    ring_w = ring_weights(rho, band.ring_index, band.n_rings)
+    power = ring_sums(parts.real**2 + parts.imag**2, band.ring_index, band.n_rings)
+    final = real_fit(gmm, parts, power, lazy.rotations, lazy.translation_px, band, None, ring_w, rho)
+    deg_final, shift_final = pose_precision(torch.linalg.inv(final.fisher).float(), APIX)
+    deg_lazy, shift_lazy = pose_precision(lazy.covariance, APIX)
+    assert float(((deg_lazy - deg_final).abs() / deg_final).max()) < 0.05
+    assert float(((shift_lazy - shift_final).abs() / shift_final).max()) < 0.05

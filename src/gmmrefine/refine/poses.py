@@ -30,7 +30,8 @@ objective plus the log prior; otherwise ``mu`` grows and the next step is shorte
 when its step is shorter than ``tolerance`` posterior standard deviations (measured: 4.2 steps on
 average at SNR 0.03, box 128). So a particle at its optimum stays there, one whose images barely
 constrain it moves about as far as its evidence outweighs the prior, and ``H^-1`` at the end is the
-covariance of its pose (:func:`pose_precision`). Cost: four forward projections per step and no
+covariance of its pose (:func:`pose_precision`). Cost: four forward projections per step (one for a step
+shorter than the tolerance, which ends the particle if it is taken) and no
 backward pass; on the benchmark data it refines 246 particles/s where the paper's 10 Adam steps do 210
 (2 threads, 1,319 Gaussians, K = 37).
 
@@ -336,6 +337,20 @@ class _Fit:
     fisher: torch.Tensor    # (B, 5, 5) float64
 
 
+def _score_at(gmm, target, target_power, rot, t, band, weight, ring_w) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(score, frc)`` of :class:`_Fit` alone: one projection instead of the four of :func:`_fit_at`."""
+    proj = project_gmm(gmm, rot, t, band)
+    if weight is not None:
+        proj = proj * weight
+    # the same sums, in the same order, as _fit_at: a trial is accepted or not exactly as there
+    ri2, nr = band.ring_index.repeat_interleave(2), band.n_rings
+    y = torch.view_as_real(proj).flatten(-2)
+    x = torch.view_as_real(target).flatten(-2)
+    s_yy = ring_sums(y * y, ri2, nr).clamp(min=1e-30)
+    c = ring_sums(x * y, ri2, nr) / torch.sqrt(target_power * s_yy).clamp(min=1e-30)
+    return (ring_w * c).sum(-1), c.mean(-1)
+
+
 def _fit_at(gmm, target, target_power, rot, t, band, weight, ring_w, rho) -> _Fit:
     """:class:`_Fit` of particles ``target`` at poses ``(rot, t)`` (no autograd: the Jacobian is analytic).
 
@@ -397,20 +412,43 @@ def _newton_batch(gmm, target, rot0, t0, band, settings, weight, rho, out: PoseR
         d = torch.linalg.solve(damped, rhs)                              # (n, 5)
         rot_t = axis_angle_to_matrix(d[:, :3]).to(torch.float32) @ rot[idx]
         t_t = t[idx] + d[:, 3:].to(torch.float32)
-        trial = _fit_at(gmm, target[idx], target_power[idx], rot_t, t_t, band,
-                        None if weight is None else weight[idx], ring_w[idx], rho[idx])
-        now = fit.score[idx].to(torch.float64) - 0.5 * ((moved[idx] @ prior) * moved[idx]).sum(-1)
-        moved_t = moved[idx] + d
-        then = trial.score.to(torch.float64) - 0.5 * ((moved_t @ prior) * moved_t).sum(-1)
-        accept = then > now
-        steps[idx] += 1
         # converged: an accepted step shorter than `tolerance` posterior standard deviations
         length2 = (d * (h @ d[..., None]).squeeze(-1)).sum(-1)
-        done = accept & (length2 < settings.tolerance**2)
+        short = length2 < settings.tolerance**2
+        # A short step, if accepted, ends the particle: its trial needs the score alone (one projection,
+        # not four), and its precision keeps the Fisher information of the pose a fraction of a standard
+        # deviation before. The poses are those of a full evaluation of every trial to float32 rounding
+        # (measured at box 256, 1,000 particles, 6,646 Gaussians: one particle's step count of 2,178
+        # differed, pose error equal to 1e-8 deg; full evaluations per particle 3.18 -> 2.17, the
+        # optimiser's time 19.7 -> 15.2 s).
+        score_t = torch.empty(idx.numel(), dtype=fit.score.dtype, device=device)
+        frc_t = torch.empty_like(score_t)
+        long_ = torch.nonzero(~short).squeeze(1)
+        short_ = torch.nonzero(short).squeeze(1)
+        trial = None
+        if long_.numel():
+            il = idx[long_]
+            trial = _fit_at(gmm, target[il], target_power[il], rot_t[long_], t_t[long_], band,
+                            None if weight is None else weight[il], ring_w[il], rho[il])
+            score_t[long_], frc_t[long_] = trial.score, trial.frc
+        if short_.numel():
+            i_s = idx[short_]
+            score_t[short_], frc_t[short_] = _score_at(gmm, target[i_s], target_power[i_s], rot_t[short_],
+                                                       t_t[short_], band, None if weight is None else weight[i_s],
+                                                       ring_w[i_s])
+        now = fit.score[idx].to(torch.float64) - 0.5 * ((moved[idx] @ prior) * moved[idx]).sum(-1)
+        moved_t = moved[idx] + d
+        then = score_t.to(torch.float64) - 0.5 * ((moved_t @ prior) * moved_t).sum(-1)
+        accept = then > now
+        steps[idx] += 1
+        done = accept & short
         a = idx[accept]
         rot[a], t[a], moved[a] = rot_t[accept], t_t[accept], moved_t[accept]
-        for name in ("score", "frc", "grad", "fisher"):
-            getattr(fit, name)[a] = getattr(trial, name)[accept]
+        fit.score[a], fit.frc[a] = score_t[accept], frc_t[accept]
+        if trial is not None:
+            took = accept[long_]
+            for name in ("grad", "fisher"):
+                getattr(fit, name)[idx[long_[took]]] = getattr(trial, name)[took]
         mu[idx] = torch.where(accept, mu[idx] / 4, torch.where(mu[idx] > 0, mu[idx] * 4, torch.full_like(mu[idx], 0.5)))
         mu[idx] = torch.where(mu[idx] < 1e-3, torch.zeros_like(mu[idx]), mu[idx])
         active[idx[done]] = False
