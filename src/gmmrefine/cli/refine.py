@@ -72,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctf", choices=("flip", "full"), default="full",
                         help="full: multiply the GMM projections by each particle's CTF (the matched filter; "
                              "measured more accurate at low SNR); flip: compare with phase-flipped particles (paper)")
-    parser.add_argument("--gmm-steps", type=int, default=150, help="Adam steps of a GMM fitted afresh to a half map (a fit warm-started from the previous iteration's GMM takes a third of them)")
+    parser.add_argument("--gmm-steps", type=int, default=150,
+                        help="Adam steps of a GMM fitted afresh to a half map (a fit warm-started from the "
+                             "previous iteration's GMM takes a third of them)")
     parser.add_argument("--full-maps", action="store_true",
                         help="write every iteration's half maps at the particles' box (default: on the grid the "
                              "iteration works on, cropped to its band; final/ is always full size)")
