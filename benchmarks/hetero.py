@@ -78,7 +78,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     from gmmrefine.gmm.model import GaussianMixture
-    from gmmrefine.hetero.networks import pca
+    from gmmrefine.hetero.networks import motion_pca
     from gmmrefine.hetero.train import HeteroSettings, train_halves
     from gmmrefine.io.particles import read_particles
     from gmmrefine.io.star import read_star
@@ -102,7 +102,7 @@ def worker(args) -> None:
         train_s = sum(e["seconds"] for e in r.history)
         out["halves"][h] = {
             "n_particles": n, "n_gaussians": r.decoder.n_gaussians,
-            "spearman_pc1": float(abs(spearmanr(pca(r.latents)[0][:, 0], fraction[r.indices])[0])),
+            "spearman_pc1": float(abs(spearmanr(motion_pca(r.latents, r.decoder)[0][:, 0], fraction[r.indices])[0])),
             "frc_neutral": float(r.frc_neutral.mean()), "frc_final": float(r.frc_final.mean()),
             "s_per_epoch_per_1000_coarse": float(np.mean(per_k["coarse"])) if per_k["coarse"] else None,
             "s_per_epoch_per_1000_full": float(np.mean(per_k["full"])) if per_k["full"] else None,

@@ -16,7 +16,15 @@ from gmmrefine.fourier.filters import low_pass
 from gmmrefine.gmm.build import build_gmm
 from gmmrefine.gmm.model import GaussianMixture
 from gmmrefine.gmm.project import fourier_band
-from gmmrefine.hetero.networks import blend_weights, build_decoder, coarse_clusters, half_seed, pca, pretrain_decoder
+from gmmrefine.hetero.networks import (
+    blend_weights,
+    build_decoder,
+    coarse_clusters,
+    half_seed,
+    motion_pca,
+    pca,
+    pretrain_decoder,
+)
 from gmmrefine.hetero.train import HalfStream, HeteroSettings, frc_gradient_features, latent_table, train_halves
 from gmmrefine.io.particles import read_particles
 from gmmrefine.io.star import read_star
@@ -78,6 +86,40 @@ def test_half_seeds_and_pca_are_deterministic():
     assert np.allclose(pca(-x)[1], comps)   # signs are fixed by the component, not the data
 
 
+class _LinearMotion:
+    """A stand-in decoder: latent 0 moves the Gaussians by ``u``, latent 1 by a hundredth of ``v``."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.centers_A = torch.randn(n, 3, generator=g) * 10
+        self.amplitudes = torch.rand(n, generator=g) + 0.5
+        self.widths_A = torch.rand(n, generator=g) + 1.0
+        self.u, self.v = torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
+
+    def deformation(self, z):
+        disp = z[:, 0, None, None] * self.u + 0.01 * z[:, 1, None, None] * self.v
+        return disp, torch.zeros(z.shape[0], self.u.shape[0])
+
+
+def test_motion_components_follow_what_the_latents_do_to_the_map():
+    """The latent PCA ranks by latent spread; the motion PCA by the displacement the decoder makes of it."""
+    dec = _LinearMotion(300, 1)
+    rng = np.random.default_rng(2)
+    z = np.stack([rng.normal(size=3000) * 0.5, rng.normal(size=3000) * 2.0], 1).astype(np.float32)
+    scores, directions, mean, var = motion_pca(z, dec, sample=1000)
+    assert abs(np.corrcoef(pca(z)[0][:, 0], z[:, 1])[0, 1]) > 0.99        # the latents' PC1: the idle dimension
+    assert abs(np.corrcoef(scores[:, 0], z[:, 0])[0, 1]) > 0.999          # the motion's PC1: the moving one
+    mass = dec.amplitudes * dec.widths_A**3
+    rms_u = float(((mass / mass.sum())[:, None] * dec.u**2).sum().sqrt())   # A of motion per unit of latent 0
+    assert abs(var[0] / (z[:, 0].var(ddof=1) * rms_u**2) - 1) < 1e-3 and var[0] > 100 * var[1]
+    # one standard deviation along the component's latent direction is one of latent 0's
+    step = np.sqrt(var[0]) * directions[0]
+    assert abs(abs(step[0]) / z[:, 0].std(ddof=1) - 1) < 0.01 and abs(step[1]) < 0.05 * z[:, 1].std()
+    assert np.allclose(scores.mean(0), 0, atol=1e-9)
+    again = motion_pca(z, dec, sample=1000)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (scores, directions, mean, var)))
+
+
 @pytest.fixture(scope="module")
 def morph_data(tmp_path_factory, adk_open_pdb, adk_closed_pdb):
     """adk morph particles and, per half, a GMM built from that half's own reconstruction."""
@@ -137,7 +179,7 @@ def test_continuous_motion_pc1_follows_morph_fraction_in_each_half(morph_data, i
     assert table.shape == (len(ps), 4) and np.isfinite(table).all()
     for h, r in results.items():
         assert np.array_equal(r.indices, ps.half(h))
-        pc1 = pca(r.latents)[0][:, 0]
+        pc1 = motion_pca(r.latents, r.decoder)[0][:, 0]
         rho = spearmanr(pc1, fraction[r.indices])[0]
         print(f"half {h}: Spearman(PC1, morph fraction) = {rho:.3f}, FRC {r.frc_neutral.mean():.4f} -> "
               f"{r.frc_final.mean():.4f}")

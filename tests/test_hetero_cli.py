@@ -61,7 +61,7 @@ def test_outputs_and_row_order(data):
     stream = HalfStream(ps, idx, ps.angles_deg, ps.shift_A, hetero_band(ps, settings), settings, gmm)
     feats, _ = compute_features(stream)
     with torch.no_grad():
-        z = enc(feats).numpy()
+        z = enc(feats.cpu()).numpy()   # the job may have run on a GPU (--device auto)
     assert np.allclose(z, latent[idx], atol=1e-5)
     # The multi-model PDB: 7 frames along PC1, each with every Gaussian; the decoder's zero latent is neutral.
     st = gemmi.read_structure(str(out / "pc1_half1.pdb"))

@@ -25,7 +25,8 @@ DESCRIPTION = (
     "mean FRC). Input: a "
 "gmmrefine refine job (--job: final/particles.star and the last iteration's gmm_half1/2.npz) or the "
     "files directly (--particles, --gmm1, --gmm2). Writes latent.npy (one row per particle, in the particle "
-    "file's order), particles.star with gmmLatent1..L and gmmLatentPC1 columns, latent_pca.png, "
+    "file's order), particles.star with gmmLatent1..L and gmmLatentPC1 columns (PC1: the first principal "
+    "component of the particles' decoded motions, in angstrom), latent_pca.png, "
     "training_curves.png, pc1_half{1,2}.pdb (decoded GMMs along PC1, one MODEL per frame), maps at +/-2 "
     "standard deviations, the networks, summary.json and report.html."
 )
@@ -196,7 +197,7 @@ def main(args) -> int:
     summary = write_outputs(job.path, ps, results, settings, inputs)
     for h, v in summary["halves"].items():
         job.log(f"half {h}: FRC {v['frc_neutral']:.4f} -> {v['frc_final']:.4f}, PC1 "
-                f"{100 * v['explained_variance_fraction'][0]:.0f} % of the latent variance, RMS motion "
+                f"{100 * v['explained_variance_fraction'][0]:.0f} % of the decoded motion's variance, RMS motion "
                 f"{v['pc1_rms_motion_A_at_2sd']:.2f} A at 2 sd, {v['seconds']:.0f} s")
     if mask is not None:
         from gmmrefine.hetero.outputs import write_domain_outputs

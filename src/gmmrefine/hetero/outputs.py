@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from gmmrefine.gmm.model import GaussianMixture
-from gmmrefine.hetero.networks import Decoder, Encoder, pca
+from gmmrefine.hetero.networks import Decoder, Encoder, motion_pca
 from gmmrefine.hetero.train import HalfResult, HeteroSettings
 from gmmrefine.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from gmmrefine.refine.job_outputs import HeteroInputs
 
 LATENT_COLUMN = "gmmLatent{k}"          # 1-based
-PC1_COLUMN = "gmmLatentPC1"             # PC1 score within the particle's own half
+PC1_COLUMN = "gmmLatentPC1"             # PC1 score (A of motion) within the particle's own half
 CLUSTER_COLUMN = "gmmLatentCluster"     # k-means cluster within the particle's own half, 1..CLUSTERS by mean PC1
 TRAJECTORY_SD = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 #: k-means clusters of each half's latents a hetero job writes maps of (and ``select --cluster`` picks from).
@@ -36,12 +36,16 @@ def default_maxres_A(resolution_A: float | None, apix: float) -> float:
 # Latents along principal directions
 # ------------------------------------------------------------------------------------------------
 
-def pc_trajectory(latents: np.ndarray, component: int = 0, sd: tuple[float, ...] = TRAJECTORY_SD) -> np.ndarray:
+Components = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def pc_trajectory(components: Components, component: int = 0, sd: tuple[float, ...] = TRAJECTORY_SD) -> np.ndarray:
     """``(F, L)`` latents at ``mean + t * sd_k * direction_k`` for ``t`` in ``sd`` (standard deviations
-    of the half's latents along principal direction ``k``)."""
-    _, comps, mean, var = pca(latents)
+    of the half's scores along principal component ``k``), from ``components`` =
+    :func:`~gmmrefine.hetero.networks.motion_pca` ``(scores, directions, mean, variance)``."""
+    _, directions, mean, var = components
     step = np.sqrt(max(float(var[component]), 0.0))
-    return np.stack([mean + t * step * comps[component] for t in sd]).astype(np.float32)
+    return np.stack([mean + t * step * directions[component] for t in sd]).astype(np.float32)
 
 
 def cluster_labels(latents: np.ndarray, pc1: np.ndarray, subset: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -138,13 +142,15 @@ def _pyplot():
     return plt
 
 
-def plot_latent_pca(results: dict[int, HalfResult], path: Path, labels: np.ndarray | None = None) -> None:
-    """PC1 against PC2 of each half's latents (one panel per half), coloured by k-means cluster
-    (``labels``: ``(N,)`` per particle, :func:`cluster_labels`) if given."""
+def plot_latent_pca(results: dict[int, HalfResult], components: dict[int, Components], path: Path,
+                    labels: np.ndarray | None = None) -> None:
+    """PC1 against PC2 of each half's decoded motions (one panel per half; ``components``:
+    :func:`~gmmrefine.hetero.networks.motion_pca` per half), coloured by k-means cluster (``labels``:
+    ``(N,)`` per particle, :func:`cluster_labels`) if given."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4.2), squeeze=False)
     for ax, (h, r) in zip(axes[0], sorted(results.items())):
-        scores, _, _, var = pca(r.latents)
+        scores, _, _, var = components[h]
         frac = var / max(var.sum(), 1e-30)
         y = scores[:, 1] if scores.shape[1] > 1 else np.zeros(len(scores))
         if labels is None:
@@ -155,8 +161,9 @@ def plot_latent_pca(results: dict[int, HalfResult], path: Path, labels: np.ndarr
                 sel = mine == c
                 ax.scatter(scores[sel, 0], y[sel], s=4, alpha=0.6, label=f"cluster {c} ({int(sel.sum())})")
             ax.legend(fontsize=7, markerscale=3)
-        ax.set_xlabel(f"PC1 ({100 * frac[0]:.0f} % of variance)")
-        ax.set_ylabel(f"PC2 ({100 * frac[1]:.0f} % of variance)" if len(frac) > 1 else "(one latent dimension)")
+        ax.set_xlabel(f"motion PC1, A ({100 * frac[0]:.0f} % of variance)")
+        ax.set_ylabel(f"motion PC2, A ({100 * frac[1]:.0f} % of variance)" if len(frac) > 1
+                      else "(one latent dimension)")
         ax.set_title(f"half {h}: {len(scores)} particles")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -195,7 +202,10 @@ moves the neutral GMM's Gaussians (through a {summary['n_coarse']}-Gaussian coar
 Gaussian and its amplitude); training maximises the agreement over the band between decoded projections and
 the particles at their consensus poses ({html.escape(summary['objective'])}).</p>
 <table>{rows}</table>
-<h2>Latent space</h2><img src="latent_pca.png" alt="PCA of the latents of each half">
+<h2>Latent space</h2><p>PC1, PC2, ... are the principal components of what the latents do to the map: of each
+particle's decoded displacement of the Gaussians, weighted by their mass (scores in angstrom), not of the
+latent vectors, whose spare dimensions can spread as widely as the motion while moving almost nothing.</p>
+<img src="latent_pca.png" alt="principal components of each half's decoded motions">
 <h2>Training</h2><img src="training_curves.png" alt="training curves">
 <h2>Outputs</h2><p><code>latent.npy</code> (one row per particle, in the order of the particle file),
 <code>particles.star</code> (columns {html.escape(LATENT_COLUMN.format(k='1..L'))} and {PC1_COLUMN}),
@@ -227,10 +237,11 @@ def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: Heter
     extra = {LATENT_COLUMN.format(k=k + 1): table[:, k].astype(np.float64) for k in range(table.shape[1])}
     pc1 = np.full(len(ps), np.nan)
     per_half = {}
+    components = {h: motion_pca(r.latents, r.decoder) for h, r in results.items()}
     for h, r in sorted(results.items()):
-        scores, comps, _, var = pca(r.latents)
+        scores, comps, _, var = components[h]
         pc1[r.indices] = scores[:, 0]
-        trajectory = torch.as_tensor(pc_trajectory(r.latents))
+        trajectory = torch.as_tensor(pc_trajectory(components[h]))
         gmms = r.decoder.decode_gmm(trajectory)
         write_multimodel_pdb(gmms, out / f"pc1_half{h}.pdb", box=ps.box, apix=ps.apix)
         for t, name in ((0, "minus2sd"), (len(gmms) - 1, "plus2sd")):
@@ -243,7 +254,7 @@ def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: Heter
             "n_particles": int(len(r.indices)), "n_gaussians": r.decoder.n_gaussians, "seed": r.seed,
             "frc_neutral": float(r.frc_neutral.mean()), "frc_final": float(r.frc_final.mean()),
             "explained_variance_fraction": (var / max(var.sum(), 1e-30)).tolist(),
-            "pc1_direction": comps[0].tolist(),
+            "pc1_direction": (comps[0] / max(float(np.linalg.norm(comps[0])), 1e-30)).tolist(),
             "pc1_rms_motion_A_at_2sd": float(disp[-1].pow(2).mean().sqrt()),
             "pc1_max_motion_A_at_2sd": float(disp[-1].max()),
             "seconds": r.seconds, "history": r.history,
@@ -258,9 +269,9 @@ def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: Heter
         extra[CLUSTER_COLUMN] = labels
     write_particles_star(ps, out / "particles.star", ps.angles_deg, ps.shift_A, extra=extra,
                          absolute_image_paths=True)
-    plot_latent_pca(results, out / "latent_pca.png", labels)
+    plot_latent_pca(results, components, out / "latent_pca.png", labels)
     clusters = write_cluster_maps(out, ps, results, settings, labels) if labels is not None else {}
-    write_chimerax_series(out, ps, results)
+    write_chimerax_series(out, ps, results, components)
     plot_training_curves(results, out / "training_curves.png")
     summary = {
         "particles": str(inputs.particles), "gmms": {str(h): str(p) for h, p in inputs.gmms.items()},
@@ -320,16 +331,16 @@ def write_cluster_maps(out: Path, ps, results: dict[int, HalfResult], settings: 
     return info
 
 
-def write_chimerax_series(out: Path, ps, results: dict[int, HalfResult]) -> Path:
+def write_chimerax_series(out: Path, ps, results: dict[int, HalfResult], components: dict[int, Components]) -> Path:
     """``pc1_half{h}_series_NN.mrc`` (the decoder's maps along PC1 at :data:`TRAJECTORY_SD`) and
     ``pc1_series.cxc``, a ChimeraX script that opens each half's maps as a volume series and plays them
     (``open pc1_series.cxc`` in ChimeraX; it runs in its own folder)."""
     from gmmrefine.io.mrc import write_map
 
-    lines = ["# gmmrefine hetero: each half's maps along latent PC1 "
+    lines = ["# gmmrefine hetero: each half's maps along motion PC1 "
              f"({', '.join(f'{t:g}' for t in TRAJECTORY_SD)} sd) as a volume series"]
     for model, (h, r) in enumerate(sorted(results.items()), start=1):
-        gmms = r.decoder.decode_gmm(torch.as_tensor(pc_trajectory(r.latents)))
+        gmms = r.decoder.decode_gmm(torch.as_tensor(pc_trajectory(components[h])))
         maps = [g.render_map(ps.box, ps.apix).numpy() for g in gmms]
         for i, m in enumerate(maps):
             write_map(out / f"pc1_half{h}_series_{i:02d}.mrc", m, ps.apix)

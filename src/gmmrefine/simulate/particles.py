@@ -309,7 +309,7 @@ def clean_images(source: AtomicSource | MapSource, truth: Truth, indices: np.nda
 
         spectra = slice_spectra(source.padded_spectrum(device), box, matrices.to(torch.float32))
         spectra = phase_shift_2d(spectra, translation.to(torch.float32))
-    ctf = ctf_for_box(box, apix, **truth.ctf.as_tensors(indices, device=device))
+    ctf = ctf_for_box(box, apix, device=device, **truth.ctf.as_tensors(indices, device=device))
     return irfft2_centered(spectra * ctf.to(spectra.real.dtype), box).to(torch.float32)
 
 
