@@ -156,14 +156,18 @@ def test_no_drift_from_the_truth(setup):
     assert errors["paper"][2] > 1.2 * errors["paper"][0] and e[2] < 0.7 * errors["paper"][2], errors
 
 
+def _band_and_rho(gmm, band, d):
+    """The particles' band coefficients and their expected ring correlations, measured at the start poses."""
+    parts = particle_band(d["noisy"], band)
+    moments = ring_ctf_moments(None, band.ring_index, band.n_rings, batch=parts.shape[0])
+    snr = fit_ring_snr(ring_correlations_at(gmm, parts, d["rot0"], d["t0"], band), *moments, "flip")
+    return parts, expected_correlation(snr.float(), *moments, "flip")
+
+
 def test_newton_batch_does_not_change_results_and_counts_its_path(setup, monkeypatch):
     d = _data(setup["gmm"], 1.0, 6, n=24)
     gmm, band = setup["gmm"], setup["band"]
-    parts = particle_band(d["noisy"], band)
-    rho = expected_correlation(fit_ring_snr(ring_correlations_at(gmm, parts, d["rot0"], d["t0"], band),
-                                            *ring_ctf_moments(None, band.ring_index, band.n_rings, batch=24),
-                                            "flip").float(),
-                               *ring_ctf_moments(None, band.ring_index, band.n_rings, batch=24), "flip")
+    parts, rho = _band_and_rho(gmm, band, d)
     calls = {"n": 0}
     real = poses_module._newton_batch
 
@@ -185,11 +189,7 @@ def test_short_steps_are_scored_alone_and_land_where_full_evaluations_do(setup, 
     poses, step counts and precisions are those of trying every step with the full Jacobian."""
     d = _data(setup["gmm"], 1.0, 8, n=24)
     gmm, band = setup["gmm"], setup["band"]
-    parts = particle_band(d["noisy"], band)
-    rho = expected_correlation(fit_ring_snr(ring_correlations_at(gmm, parts, d["rot0"], d["t0"], band),
-                                            *ring_ctf_moments(None, band.ring_index, band.n_rings, batch=24),
-                                            "flip").float(),
-                               *ring_ctf_moments(None, band.ring_index, band.n_rings, batch=24), "flip")
+    parts, rho = _band_and_rho(gmm, band, d)
     scored = {"particles": 0}
     real_score, real_fit = poses_module._score_at, poses_module._fit_at
 
