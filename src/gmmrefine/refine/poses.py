@@ -337,17 +337,24 @@ class _Fit:
     fisher: torch.Tensor    # (B, 5, 5) float64
 
 
+def _ring_correlations(x: torch.Tensor, y: torch.Tensor, target_power: torch.Tensor, band: FourierBand
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(c, s_xy, s_yy, norm)`` per ring of targets ``x`` and projections ``y`` (``(B, 2P)`` real views):
+    the one computation of the score's ring sums, for :func:`_fit_at` and :func:`_score_at` alike."""
+    ri2 = band.ring_index.repeat_interleave(2)
+    s_xy = ring_sums(x * y, ri2, band.n_rings)                 # (B, R)
+    s_yy = ring_sums(y * y, ri2, band.n_rings).clamp(min=1e-30)
+    norm = torch.sqrt(target_power * s_yy).clamp(min=1e-30)
+    return s_xy / norm, s_xy, s_yy, norm
+
+
 def _score_at(gmm, target, target_power, rot, t, band, weight, ring_w) -> tuple[torch.Tensor, torch.Tensor]:
     """``(score, frc)`` of :class:`_Fit` alone: one projection instead of the four of :func:`_fit_at`."""
     proj = project_gmm(gmm, rot, t, band)
     if weight is not None:
         proj = proj * weight
-    # the same sums, in the same order, as _fit_at: a trial is accepted or not exactly as there
-    ri2, nr = band.ring_index.repeat_interleave(2), band.n_rings
-    y = torch.view_as_real(proj).flatten(-2)
-    x = torch.view_as_real(target).flatten(-2)
-    s_yy = ring_sums(y * y, ri2, nr).clamp(min=1e-30)
-    c = ring_sums(x * y, ri2, nr) / torch.sqrt(target_power * s_yy).clamp(min=1e-30)
+    c, *_ = _ring_correlations(torch.view_as_real(target).flatten(-2), torch.view_as_real(proj).flatten(-2),
+                               target_power, band)
     return (ring_w * c).sum(-1), c.mean(-1)
 
 
@@ -364,16 +371,12 @@ def _fit_at(gmm, target, target_power, rot, t, band, weight, ring_w, rho) -> _Fi
     if weight is not None:
         proj = proj * weight
         jac = jac * weight[:, None]
-    ri, nr = band.ring_index, band.n_rings
     y = torch.view_as_real(proj).flatten(-2)                  # (B, 2P): real, imag interleaved
     dy = torch.view_as_real(jac).flatten(-2)                  # (B, 5, 2P)
     x = torch.view_as_real(target).flatten(-2)
-    ri2 = ri.repeat_interleave(2)
-    s_xy = ring_sums(x * y, ri2, nr)                          # (B, R)
-    s_yy = ring_sums(y * y, ri2, nr).clamp(min=1e-30)
-    s_yd = ring_sums(y[:, None] * dy, ri2, nr)                # (B, 5, R)
-    norm = torch.sqrt(target_power * s_yy).clamp(min=1e-30)   # (B, R)
-    c = s_xy / norm
+    ri2 = band.ring_index.repeat_interleave(2)
+    c, s_xy, s_yy, norm = _ring_correlations(x, y, target_power, band)   # (B, R) each
+    s_yd = ring_sums(y[:, None] * dy, ri2, band.n_rings)      # (B, 5, R)
     a = ring_w / norm                                         # d/dy of w S_xy / norm: a x - b y
     b = a * s_xy / s_yy
     grad = torch.bmm(dy, (a[:, ri2] * x - b[:, ri2] * y)[..., None]).squeeze(-1)
