@@ -15,7 +15,7 @@ from gmmrefine.fourier.masks import soft_sphere
 from gmmrefine.io.mrc import read_map, write_map
 from gmmrefine.io.particles import read_particles
 
-OPTIONS = ["--iterations", "1", "--gmm-steps", "30", "--minres", "40", "--patch-iterations", "1"]
+OPTIONS = ["--iterations", "1", "--gmm-steps", "30", "--minres", "40", "--patch-iterations", "2"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,7 +56,7 @@ def runs(tmp_path_factory, adk_open_pdb):
     original = subtract.subtract_rest
 
     def counted(*args, **kwargs):
-        calls.append(len(args[3]))
+        calls.append((len(args[3]), len(args[2].moving)))
         return original(*args, **kwargs)
 
     subtract.subtract_rest = counted
@@ -71,7 +71,8 @@ def runs(tmp_path_factory, adk_open_pdb):
                          "--minres", "40", "--patch-iterations", "1", "--bodies", *[str(m) for m in masks],
                          "--body-context", "width"]) == 0
     return dict(root=root, sim=sim, star=sim / "particles_perturbed.star", masks=masks, A=root / "A", B=root / "B",
-                C=root / "C", D=root / "D", subtracted_rows=sum(calls))
+                C=root / "C", D=root / "D", subtracted_rows=sum(n for n, _ in calls),
+                rows_less_other_body=sum(n for n, moving in calls if moving == 1))
 
 
 def test_body_outputs_report_and_relion_reads_the_body_poses(runs):
@@ -163,13 +164,20 @@ def test_gold_standard_half1_ignores_half2_data_with_bodies(runs):
 
 def test_bodies_subtract_the_rest_by_default_and_widen_it_on_request_keeping_the_gold_standard(runs):
     """By default every refined and every SNR-sampled image of both bodies and halves had the rest
-    subtracted (2 bodies x 120 particles x (1 refinement + SNR sample + precision sample), counted);
-    --body-context width gives other poses, and its half 1 also ignores half 2's images."""
+    subtracted (2 bodies x 120 particles x (2 refinements + SNR samples + precision sample), counted), in
+    iteration 2 the other body at its own poses (lock-step); --body-context width gives other poses, and its
+    half 1 also ignores half 2's images."""
     n = len(read_particles(runs["star"]))
-    assert runs["subtracted_rows"] >= 2 * n * 2
+    assert runs["subtracted_rows"] >= 2 * n * 3
+    # iteration 2's refinement, SNR sample and precision sample of both bodies took the other body out
+    assert runs["rows_less_other_body"] >= 2 * n
     a, c, d = runs["A"], runs["C"], runs["D"]
-    assert json.loads((a / "patches" / "patches.json").read_text())["context"] == "subtract"
-    assert "the rest subtracted" in (a / "log.txt").read_text()
+    plan = json.loads((a / "patches" / "patches.json").read_text())
+    assert plan["context"] == "subtract" and plan["rest_poses"] == "bodies"
+    assert "at their own poses of the previous iteration (lock-step)" in (a / "log.txt").read_text()
+    # lock-step: body 2's iteration 1 was done before body 1's iteration 2 began
+    body2_iteration1 = (a / "patches" / "b02" / "it001" / "fsc.json").stat().st_mtime
+    assert body2_iteration1 <= (a / "patches" / "b01" / "it002" / "gmm_half1.npz").stat().st_mtime
     plan = json.loads((c / "patches" / "patches.json").read_text())
     assert plan["context"] == "width" and plan["bodies"] == 2
     assert "the rest widened" in (c / "log.txt").read_text()

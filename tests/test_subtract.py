@@ -92,3 +92,59 @@ def test_measure_scale_finds_the_factor_of_particles_written_to_disk(tmp_path):
         scale = measure_scale(ps, ps.half(1), sub, band, ctf_mode, torch.device("cpu"))
         truth = 3.0 * torch.exp(-40.0 * (band.shell.to(torch.float32) / (BOX * APIX)) ** 2)
         assert torch.allclose(scale, truth, rtol=2e-3), (ctf_mode, scale, truth)
+
+
+def test_lockstep_subtraction_takes_the_other_body_out_at_its_own_poses(tmp_path):
+    """Body 1 of two in a lock-step multi-body job: iteration 1 subtracts the rest of the consensus GMM at
+    the consensus poses; iteration 2 takes body 2 out with body 2's GMM of iteration 1 at body 2's
+    poses of iteration 1, read from its folder (here moved 6 degrees from the consensus)."""
+    from gmmrefine.io.mrc import write_map
+    from gmmrefine.refine.subtract import lockstep_subtraction
+
+    gmm = _gmm(n=80, seed=6)
+    # No centre in the masks' linear ramp (|x| < 2 px): every Gaussian is wholly in one body
+    x_px = gmm.centers_A[:, 0] / APIX
+    gmm = GaussianMixture(gmm.centers_A[x_px.abs() > 2.5], gmm.amplitudes[x_px.abs() > 2.5],
+                          gmm.widths_A[x_px.abs() > 2.5])
+    first, second = _half_space_mask(), 1.0 - _half_space_mask()
+    (tmp_path / "start").mkdir()
+    gmm.save(tmp_path / "start" / "gmm_half1.npz")
+    for name, mask in (("b01", first), ("b02", second)):
+        (tmp_path / "patches" / name).mkdir(parents=True)
+        write_map(tmp_path / "patches" / name / "mask_half1.mrc", mask.numpy(), APIX)
+    plan = {"start_dir": "start", "patches": [{"name": "b01"}, {"name": "b02"}]}
+    n = 10
+    values = particle_values(n, seed=7)
+    angles = np.stack([values["rot"], values["tilt"], values["psi"]], 1)
+    shift_A = np.stack([values["ox_A"], values["oy_A"]], 1)
+    moved = angles + np.array([0.0, 6.0, 0.0])
+    it1 = tmp_path / "patches" / "b02" / "it001"
+    it1.mkdir()
+    # body 2's own GMM of iteration 1: another fit of the same density (amplitudes 10 % higher)
+    own = GaussianMixture(gmm.centers_A, gmm.amplitudes * 1.1, gmm.widths_A)
+    own.save(it1 / "gmm_half1.npz")
+    np.savez(it1 / "poses_half1.npz", indices=np.arange(n), angles_deg=moved, shift_A=shift_A)
+
+    band = fourier_band(BOX, APIX, 40.0, 5.0)
+    g = torch.Generator().manual_seed(8)
+    target = torch.randn(n, band.n_pixels, generator=g, dtype=torch.complex64)
+    ctf = torch.cos(torch.linspace(0, 20, band.n_pixels))[None].expand(n, -1).contiguous()
+    scale = torch.linspace(2.0, 0.5, band.n_rings)
+    idx = np.arange(n)
+
+    def left(k: int) -> torch.Tensor:
+        sub = lockstep_subtraction(tmp_path, plan, 0, k, {1: first}, APIX, angles, shift_A)(1)
+        sub.scale = scale
+        return subtract_rest(target, ctf, sub, idx, band, "full")
+
+    def expected(model: GaussianMixture, poses: np.ndarray) -> torch.Tensor:
+        rot = euler_to_matrix(torch.as_tensor(poses)).to(torch.float32)
+        t0 = image_translation_px(torch.as_tensor(shift_A), APIX).to(torch.float32)
+        return target - scale[band.ring_index] * ctf * project_gmm(split_gmm(model, first, APIX)[1], rot, t0, band)
+
+    for k, model, poses in ((1, gmm, angles), (2, own, moved)):
+        got, want = left(k), expected(model, poses)
+        err = float((got - want).abs().max() / (target - want).abs().max())
+        assert err < 1e-4, (k, err)
+    # the move matters: iteration 2 differs from what the consensus poses would subtract
+    assert float((left(2) - expected(own, angles)).abs().max() / (target - left(2)).abs().max()) > 0.1

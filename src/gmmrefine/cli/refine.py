@@ -99,16 +99,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "JOB's composite (its patches, if it has any) with this patch inside M")
     group.add_argument("--bodies", type=Path, nargs="+", default=None, metavar="MASK",
                        help="after the global refinement, multi-body refinement: one body per mask (MRC, the "
-                            "particles' box and pixel size, values 0..1), each refined on its own in its mask for "
+                            "particles' box and pixel size, values 0..1), each refined in its mask for "
                             "--patch-iterations iterations per half; poses in patches/bNN/particles.star, a "
                             "composite map, per-body FSC, local resolution and body motions (C1)")
     group.add_argument("--body-context", choices=("subtract", "width"), default=None,
                        help="with --bodies, how the rest of the particle is handled while a body is aligned: "
-                            "'subtract' (default) subtracts the rest's GMM projection (times each particle's CTF, at "
-                            "its consensus pose) from the images and aligns the body alone; 'width' widens the "
+                            "'subtract' (default) subtracts the rest's GMM projection (times each particle's CTF, where "
+                            "--body-rest-poses says) from the images and aligns the body alone; 'width' widens the "
                             "Gaussians outside the body (the paper's focused refinement). On simulated adk with a "
                             "hinged LID (2,000 particles, box 128, SNR 0.05) subtraction gave the better LID map and "
                             "poses on two data sets")
+    group.add_argument("--body-rest-poses", choices=("bodies", "consensus"), default=None,
+                       help="with --body-context subtract, where the rest of the particle is when it is "
+                            "subtracted: 'bodies' (default) takes every other body out at its own poses of the "
+                            "previous iteration (all bodies in lock-step, as RELION's multi-body refinement); "
+                            "'consensus' holds the rest at the consensus poses and refines each body on its own")
     group.add_argument("--patch-iterations", type=int, default=3,
                        help="focused iterations per patch or body (paper: 3)")
     group.add_argument("--sym", default="C1",
@@ -172,6 +177,9 @@ def _params(args) -> dict:
     if args.body_context is not None and args.bodies is None:
         raise InputError(f"--body-context {args.body_context} applies to --bodies only; give the body masks with "
                          "--bodies M1.mrc M2.mrc ...", field="--body-context")
+    if args.body_rest_poses is not None and (args.bodies is None or args.body_context == "width"):
+        raise InputError(f"--body-rest-poses {args.body_rest_poses} applies to --bodies with --body-context subtract "
+                         "(the default) only: nothing is subtracted otherwise.", field="--body-rest-poses")
     patch_work = args.from_job is not None and (args.patches is not None or args.add_patch is not None
                                                 or args.bodies is not None)
     iterations = _auto_or_int(args.iterations if args.iterations is not None else (0 if patch_work else "auto"), -1)
@@ -213,6 +221,7 @@ def _params(args) -> dict:
         "add_patch": None if args.add_patch is None else str(Path(args.add_patch).resolve()),
         "bodies": None if args.bodies is None else [str(Path(b).resolve()) for b in args.bodies],
         "body_context": None if args.bodies is None else str(args.body_context or "subtract"),
+        "body_rest_poses": None if args.bodies is None else str(args.body_rest_poses or "bodies"),
     }
 
 
@@ -527,7 +536,8 @@ def _job(job, params: dict, ps, stage_ps, ctx, *, mask, gmm_dir: Path | None, ad
 
         plan = setup_bodies(job, job.path / it_dir(k), params["bodies"], ps.box, ps.apix, start_iteration=k,
                             patch_iterations=int(params["patch_iterations"]),
-                            context=params.get("body_context") or "width")
+                            context=params.get("body_context") or "width",
+                            rest_poses=params.get("body_rest_poses") or "consensus")
     if added is not None:
         from gmmrefine.refine.patches import add_domain_patch, inherit_patches
 

@@ -258,11 +258,17 @@ def body_section(job_path: Path, plan: dict) -> str:
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     comp = json.loads((job_path / "final" / "composite_fsc.json").read_text())
     explained = ", ".join(f"{100 * v:.0f} %" for v in motion["explained_variance"][:4])
-    context = ("the rest of the particle (its consensus GMM projected at the consensus pose, times the CTF) "
-               "subtracted from the images" if plan.get("context") == "subtract" else
-               "the rest of the particle widened (Gaussians outside the mask up to 4x wider)")
+    if plan.get("context") != "subtract":
+        context = "each refined on its own, the rest of the particle widened (Gaussians outside the mask up to 4x wider)"
+    elif plan.get("rest_poses") == "bodies":
+        context = ("in lock-step, each iteration subtracting from the images the other bodies' GMMs at their own poses "
+                   "of the previous iteration (the consensus GMM at the consensus poses in the first, and wherever no "
+                   "mask reaches), times the CTF")
+    else:
+        context = ("each refined on its own, the rest of the particle (its consensus GMM projected at the consensus "
+                   "pose, times the CTF) subtracted from the images")
     return f"""<h2>Multi-body refinement</h2>
-<p>{len(rows)} bodies, each refined on its own in its mask (the same mask for both halves) for
+<p>{len(rows)} bodies, each in its mask (the same mask for both halves), for
 {plan['patch_iterations']} iterations per half from the global refinement's poses, {context}. Composite of the bodies'
 half maps, <code>sum M_i Map_i / sum M_i</code> (overlaps counted once, the global map where no mask
 reaches): gold-standard resolution {comp['resolution_A']:.2f} A (global refinement

@@ -656,13 +656,14 @@ def pass_key(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, gmm: Ga
                    settings.ctf, settings.reconstruct_ctf, pose, boxes)).encode())
     h.update(np.ascontiguousarray(np.asarray(angles_deg, dtype=np.float64)[idx]).tobytes())
     h.update(np.ascontiguousarray(np.asarray(shift_A, dtype=np.float64)[idx]).tobytes())
-    for g in (gmm,) if subtract is None else (gmm, subtract.rest):
+    posed = [(gmm, None, None)] + ([] if subtract is None else subtract.parts())
+    for g, part_angles, part_shift in posed:
         if g is not None:
             for t in (g.centers_A, g.amplitudes, g.widths_A):
                 h.update(t.detach().cpu().numpy().tobytes())
-    if subtract is not None:
-        h.update(np.ascontiguousarray(np.asarray(subtract.angles_deg, dtype=np.float64)[idx]).tobytes())
-        h.update(np.ascontiguousarray(np.asarray(subtract.shift_A, dtype=np.float64)[idx]).tobytes())
+        for x in (part_angles, part_shift):
+            if x is not None:
+                h.update(np.ascontiguousarray(np.asarray(x, dtype=np.float64)[idx]).tobytes())
     return h.hexdigest()[:20]
 
 
@@ -1068,7 +1069,7 @@ def band_limit(resolution_A: float, settings: RefineSettings, apix: float) -> fl
 def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callable | None = None,
                           on_step: Callable[[str], None] | None = None,
                           gmm_transform: Callable[[int, GaussianMixture], GaussianMixture] | None = None,
-                          subtraction: Callable | None = None) -> list[dict]:
+                          subtraction: Callable | None = None, until: int | None = None) -> list[dict]:
     """Run (or resume) the iterations of a job.
 
     Args:
@@ -1084,9 +1085,12 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
             next fit. A ``gmm_half{h}.npz`` in ``it000`` warm-starts the first fit.
         subtraction: ``half -> Subtraction`` (:mod:`gmmrefine.refine.subtract`): what is taken out of that
             half's images before they are compared (multi-body refinement with ``--body-context subtract``).
+        until: stop after this iteration (a lock-step multi-body refinement runs every body's iteration
+            ``k`` before any body's ``k + 1``); the steps after the last iteration (full-size maps,
+            precision) run only once the last iteration is done. None: run to the end.
 
     Returns:
-        The ``fsc.json`` contents of iterations ``0..iterations``.
+        The ``fsc.json`` contents of iterations ``0..iterations`` (``0..until`` with ``until``).
     """
     apix, box = ps.apix, ps.box
 
@@ -1125,6 +1129,8 @@ def run_global_refinement(job, ps, settings: RefineSettings, *, builder: Callabl
     for k in range(1, (settings.max_iterations if settings.iterations is None else settings.iterations) + 1):
         if auto and histories[-1].get("convergence", {}).get("converged"):
             break
+        if until is not None and k > until:
+            return histories
         d = job.dir(it_dir(k))
         for h in HALVES:
             prev_res = (settings.resolution_start_A if (k == 1 and settings.resolution_start_A)

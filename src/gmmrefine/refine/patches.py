@@ -31,7 +31,10 @@ masks as patches ``bNN`` (one per mask, the same mask for both halves, like ``--
 ``patches/motion`` (:func:`body_motion`: each body's rotation and translation relative to the consensus
 and their principal components, as ``relion_flex_analyse``) and ``patches/local_resolution``
 (:func:`composite_local_resolution`: the composite halves' masked FSC per body and a local-resolution
-map). Overlapping masks count the density once: the composite divides by the summed masks.
+map). Overlapping masks count the density once: the composite divides by the summed masks. With
+subtraction (the default), the bodies run in lock-step (:func:`lockstep`): every body's iteration ``k``
+before any body's ``k + 1``, each taking the others out of the images at their poses of iteration
+``k - 1`` (:func:`gmmrefine.refine.subtract.lockstep_subtraction`).
 
 Every step writes atomically and is marked done afterwards (patch steps in their own ``state.json``),
 and each reads what it needs from files, so ``--continue`` reproduces an uninterrupted run exactly.
@@ -188,15 +191,18 @@ def setup_patches(job, start_dir: Path, k: int, box: int, apix: float, *, start_
 
 
 def setup_bodies(job, start_dir: Path, mask_paths: list[str], box: int, apix: float, *, start_iteration: int,
-                 patch_iterations: int, context: str = "subtract") -> dict:
+                 patch_iterations: int, context: str = "subtract", rest_poses: str = "bodies") -> dict:
     """``patches/setup`` of a multi-body refinement (``--bodies``): one patch per user mask, ``bNN`` in the
     order given, each half refined in the same mask (a user input, like ``--focus-mask``).
 
     The bodies then run as patches do: a focused refinement per body from the global refinement's last
     iteration, for each half on its own (:func:`run_patch`), the rest of the particle handled as
-    ``context`` says (``width``: widened Gaussians; ``subtract``: the rest's projection at the consensus
-    poses subtracted from the images, :mod:`gmmrefine.refine.subtract`), and the composite ``sum_i M_i Map_i /
-    sum_i M_i`` (:func:`composite_step`), which counts the density where masks overlap once.
+    ``context`` says (``width``: widened Gaussians; ``subtract``: the rest's projection subtracted from the
+    images, :mod:`gmmrefine.refine.subtract`), and the composite ``sum_i M_i Map_i / sum_i M_i``
+    (:func:`composite_step`), which counts the density where masks overlap once. With ``subtract``,
+    ``rest_poses`` says where the rest is: ``bodies``, the other bodies at their own poses of the previous
+    iteration, all bodies in lock-step (:func:`lockstep`); ``consensus``, at the consensus poses throughout,
+    each body run on its own.
 
     Returns:
         The plan (``patches/patches.json``).
@@ -214,13 +220,17 @@ def setup_bodies(job, start_dir: Path, mask_paths: list[str], box: int, apix: fl
             write_map(d / name, mask.numpy(), apix)
         patches.append({"name": body_name(i), "body": True, "mask": str(path),
                         "volume_A3": float(mask.sum()) * apix**3, **{f"half{h}": {"label": i} for h in HALVES}})
-    plan = {"k": 0, "bodies": len(patches), "context": context, "start_dir": str(start_dir.relative_to(job.path)),
+    plan = {"k": 0, "bodies": len(patches), "context": context, "rest_poses": rest_poses,
+            "start_dir": str(start_dir.relative_to(job.path)),
             "start_iteration": start_iteration, "patch_iterations": patch_iterations, "symmetry": "C1",
             "edge_px": None, "patches": patches}
     write_json_atomic(plan_path, plan)
     job.mark_done("patches/setup", bodies=len(patches))
-    job.log(f"bodies: {len(patches)} masks, each refined on its own for {patch_iterations} iterations per half, "
-            + ("the rest subtracted from the images" if context == "subtract" else "the rest widened"))
+    how = {"width": "the rest widened", "consensus": "the rest subtracted from the images at the consensus poses",
+           "bodies": "the other bodies subtracted from the images at their own poses of the previous iteration "
+                     "(lock-step)"}
+    job.log(f"bodies: {len(patches)} masks, each refined in its mask for {patch_iterations} iterations per half, "
+            + how["width" if context == "width" else rest_poses])
     return plan
 
 
@@ -321,13 +331,24 @@ def composite_local_resolution(job, plan: dict, apix: float) -> dict:
 # Step 2: one patch (in this process or a worker)
 # ------------------------------------------------------------------------------------------------
 
-def run_patch(job_path: str | Path, index: int, *, progress: bool = True) -> dict:
+def lockstep(plan: dict) -> bool:
+    """Whether a plan's bodies run in lock-step: each iteration subtracts the other bodies at their poses
+    of the previous one (``--body-rest-poses bodies``), so every body's iteration ``k`` runs before any
+    body's ``k + 1``. Plans written before the option hold the rest at the consensus poses."""
+    return plan.get("context") == "subtract" and plan.get("rest_poses") == "bodies"
+
+
+def run_patch(job_path: str | Path, index: int, *, progress: bool = True, until: int | None = None) -> dict | None:
     """Focused refinement of matched patch pair ``index`` and its outputs; everything from files.
 
     Safe to call again after an interruption (it continues from its own ``state.json``).
 
+    Args:
+        until: run only to this iteration (lock-step bodies, :func:`lockstep`: iterations before it must be
+            done, as their subtraction differs); the outputs are made once the last iteration is done.
+
     Returns:
-        The patch's ``fsc.json``.
+        The patch's ``fsc.json``, or None when ``until`` stopped it before its last iteration.
     """
     from gmmrefine.io.particles import read_particles, write_particles_star
     from gmmrefine.refine.focused import copy_atomic, focus_transform, masked_resolution, stage_particles
@@ -363,11 +384,20 @@ def run_patch(job_path: str | Path, index: int, *, progress: bool = True) -> dic
     t0 = time.perf_counter()
     transform, subtraction = focus_transform(masks, apix), None
     if plan.get("context") == "subtract":
-        from gmmrefine.refine.subtract import body_transform, consensus_subtraction
+        from gmmrefine.refine.subtract import body_transform, consensus_subtraction, lockstep_subtraction
 
         transform = body_transform(masks, apix)
-        subtraction = consensus_subtraction(start_dir, masks, apix, stage_ps.angles_deg, stage_ps.shift_A)
-    histories = run_global_refinement(stage, stage_ps, settings, gmm_transform=transform, subtraction=subtraction)
+        if lockstep(plan):
+            until = iterations if until is None else min(until, iterations)
+            assert until == 1 or stage.is_done(f"{it_dir(until - 1)}/fsc"), "lock-step: run iterations in order"
+            subtraction = lockstep_subtraction(job_path, plan, index, until, masks, apix, stage_ps.angles_deg,
+                                               stage_ps.shift_A)
+        else:
+            subtraction = consensus_subtraction(start_dir, masks, apix, stage_ps.angles_deg, stage_ps.shift_A)
+    histories = run_global_refinement(stage, stage_ps, settings, gmm_transform=transform, subtraction=subtraction,
+                                      until=until)
+    if until is not None and until < iterations:
+        return None
     k = histories[-1]["iteration"]
     last = stage.path / it_dir(k)
     for h in HALVES:
@@ -431,22 +461,27 @@ def run_patches(job, plan: dict, *, jobs: int = 1, progress: bool = True) -> lis
     """
     names = [p["name"] for p in plan["patches"]]
     pending = [i for i in range(len(names)) if not job.is_done(f"patches/{names[i]}")]
-    if jobs <= 1 or len(pending) <= 1:
-        for i in pending:
-            info = run_patch(job.path, i, progress=progress)
+    # Lock-step bodies: every body's iteration k before any body's k + 1 (each subtracts the others' k - 1)
+    rounds: list[int | None] = list(range(1, int(plan["patch_iterations"]) + 1)) if lockstep(plan) else [None]
+
+    def finished(i: int, info: dict | None) -> None:
+        if info is not None:
             job.mark_done(f"patches/{names[i]}", resolution_A=info["patch"]["resolution_A"])
-    else:
+
+    for until in rounds:
+        if jobs <= 1 or len(pending) <= 1:
+            for i in pending:
+                finished(i, run_patch(job.path, i, progress=progress, until=until))
+            continue
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx, initializer=_init_worker,
                                  initargs=(torch.get_num_threads(),)) as pool:
-            futures = {pool.submit(run_patch, str(job.path), i, progress=False): i for i in pending}
+            futures = {pool.submit(run_patch, str(job.path), i, progress=False, until=until): i for i in pending}
             for future in as_completed(futures):
-                i = futures[future]
-                info = future.result()
-                job.mark_done(f"patches/{names[i]}", resolution_A=info["patch"]["resolution_A"])
+                finished(futures[future], future.result())
     return [json.loads((job.path / "patches" / p["name"] / "fsc.json").read_text()) for p in plan["patches"]]
 
 

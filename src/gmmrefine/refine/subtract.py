@@ -9,12 +9,16 @@ times the particle's CTF, is subtracted from its Fourier coefficients in the ban
 (:func:`subtract_rest`), and what is left is compared with the body alone. No map is projected: the
 rest is a sum of Gaussians whose projections are exact (and as cheap as one step of the optimiser).
 
-The rest comes from the half's GMM of the refinement the bodies start from (the consensus), at its
-consensus poses: there the rest is best described (a body stage's own maps are made at the body's
-poses and blur what lies outside it). The GMM's amplitudes are on their own scale, so the scale of the
-subtracted model is measured per Fourier ring (:func:`measure_scale`): the least-squares factor between
-the half's particles and the whole consensus GMM projected at their consensus poses, on the sample the
-per-ring SNR is measured on. Everything here is one half's own: its GMM, its particles, its poses.
+In the first iteration the rest comes from the half's GMM of the refinement the bodies start from (the
+consensus), at its consensus poses (:func:`consensus_subtraction`). From the second on, the bodies run in
+lock-step, as RELION's multi-body refinement does (:func:`lockstep_subtraction`): what lies in another
+body's mask is that body's GMM of the previous iteration at the poses it gave that body, so a body is
+aligned against images from which the others have been taken out where they are now, not where the
+consensus put them; only what no mask holds stays at the consensus. The GMM's amplitudes are on their own
+scale, so the scale of the subtracted model is measured per Fourier ring (:func:`measure_scale`): the
+least-squares factor between the half's particles and the whole consensus GMM projected at their consensus
+poses, on the sample the per-ring SNR is measured on. Everything here is one half's own: its GMMs, its
+particles, its poses.
 """
 
 from __future__ import annotations
@@ -38,15 +42,31 @@ _BATCH = 64
 
 
 @dataclass
+class PosedPart:
+    """Gaussians that move with their own per-particle poses: another body, where it is in each image.
+
+    Attributes:
+        gmm: the body's Gaussians (amplitudes already weighted by its share, :func:`weighted_gmm`).
+        angles_deg, shift_A: ``(N, 3)``, ``(N, 2)`` that body's poses of all particles (input order).
+    """
+
+    gmm: GaussianMixture
+    angles_deg: np.ndarray
+    shift_A: np.ndarray
+
+
+@dataclass
 class Subtraction:
     """What is subtracted from one half's images before its body is aligned.
 
     Attributes:
-        rest: the Gaussians outside the body, amplitudes ``A_i (1 - M(c_i))`` (:func:`split_gmm`).
-        whole: the GMM ``rest`` was split from (the per-ring scale is measured against it).
+        rest: the Gaussians outside the body held at the consensus poses, amplitudes ``A_i (1 - M(c_i))``
+            (:func:`split_gmm`) in the first iteration, or only what no other body's mask holds in lock-step.
+        whole: the consensus GMM ``rest`` was split from (the per-ring scale is measured against it).
         angles_deg, shift_A: ``(N, 3)``, ``(N, 2)`` consensus poses of all particles (input order).
         scale: ``(R,)`` per-ring factor of the band the half is refined in (:func:`measure_scale`);
             None until measured.
+        moving: the other bodies at their own poses (lock-step iterations), subtracted too.
     """
 
     rest: GaussianMixture
@@ -54,11 +74,19 @@ class Subtraction:
     angles_deg: np.ndarray
     shift_A: np.ndarray
     scale: torch.Tensor | None = None
+    moving: tuple[PosedPart, ...] = ()
 
     def to(self, device) -> Subtraction:
-        return dataclasses.replace(self, rest=self.rest.to(device=device, dtype=torch.float32),
-                                   whole=self.whole.to(device=device, dtype=torch.float32),
-                                   scale=None if self.scale is None else self.scale.to(device))
+        def gmm(g: GaussianMixture) -> GaussianMixture:
+            return g.to(device=device, dtype=torch.float32)
+
+        return dataclasses.replace(self, rest=gmm(self.rest), whole=gmm(self.whole),
+                                   scale=None if self.scale is None else self.scale.to(device),
+                                   moving=tuple(dataclasses.replace(m, gmm=gmm(m.gmm)) for m in self.moving))
+
+    def parts(self) -> list[tuple[GaussianMixture, np.ndarray, np.ndarray]]:
+        """Every subtracted model with the poses it is projected at: ``(gmm, angles_deg, shift_A)``."""
+        return [(self.rest, self.angles_deg, self.shift_A)] + [(m.gmm, m.angles_deg, m.shift_A) for m in self.moving]
 
 
 def split_gmm(gmm: GaussianMixture, mask: torch.Tensor, apix: float) -> tuple[GaussianMixture, GaussianMixture]:
@@ -70,15 +98,22 @@ def split_gmm(gmm: GaussianMixture, mask: torch.Tensor, apix: float) -> tuple[Ga
     Returns:
         ``(body, rest)``, each holding only the Gaussians with a non-zero share (their sum is ``gmm``).
     """
-    m = sample_volume(torch.as_tensor(mask), gmm.centers_A.detach(), apix).clamp(0.0, 1.0).to(gmm.amplitudes.dtype)
+    mask = torch.as_tensor(mask)
+    return weighted_gmm(gmm, mask, apix), weighted_gmm(gmm, 1.0 - mask, apix)
+
+
+def weighted_gmm(gmm: GaussianMixture, weight: torch.Tensor, apix: float) -> GaussianMixture:
+    """A GMM's share of a weight volume: amplitudes times ``W(c)`` at each centre, the Gaussians with no
+    share dropped.
+
+    Args:
+        gmm: the GMM; weight: ``(D, D, D)`` values in [0, 1] on the GMM's box; apix: A/voxel of ``weight``.
+    """
+    w = sample_volume(weight, gmm.centers_A.detach(), apix).clamp(0.0, 1.0).to(gmm.amplitudes.dtype)
     # Interpolation leaves float rounding beside 0 and 1; such a share is none.
-    m = torch.where(m < _NONE, torch.zeros_like(m), torch.where(m > 1 - _NONE, torch.ones_like(m), m))
-
-    def part(weight: torch.Tensor) -> GaussianMixture:
-        keep = weight > 0
-        return GaussianMixture(gmm.centers_A[keep], gmm.amplitudes[keep] * weight[keep], gmm.widths_A[keep])
-
-    return part(m), part(1.0 - m)
+    w = torch.where(w < _NONE, torch.zeros_like(w), torch.where(w > 1 - _NONE, torch.ones_like(w), w))
+    keep = w > 0
+    return GaussianMixture(gmm.centers_A[keep], gmm.amplitudes[keep] * w[keep], gmm.widths_A[keep])
 
 
 def model_ctf(ctf_band_full: torch.Tensor, ctf_mode: str) -> torch.Tensor:
@@ -87,9 +122,10 @@ def model_ctf(ctf_band_full: torch.Tensor, ctf_mode: str) -> torch.Tensor:
     return ctf_band_full if ctf_mode == "full" else ctf_band_full.abs()
 
 
-def _consensus_pose(sub: Subtraction, idx: np.ndarray, band: FourierBand) -> tuple[torch.Tensor, torch.Tensor]:
-    rot = euler_to_matrix(torch.as_tensor(sub.angles_deg[idx], device=band.device)).to(torch.float32)
-    t0 = image_translation_px(torch.as_tensor(sub.shift_A[idx], device=band.device), band.apix).to(torch.float32)
+def _poses(angles_deg: np.ndarray, shift_A: np.ndarray, idx: np.ndarray, band: FourierBand
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    rot = euler_to_matrix(torch.as_tensor(angles_deg[idx], device=band.device)).to(torch.float32)
+    t0 = image_translation_px(torch.as_tensor(shift_A[idx], device=band.device), band.apix).to(torch.float32)
     return rot, t0
 
 
@@ -102,7 +138,8 @@ def _project(gmm: GaussianMixture, rot: torch.Tensor, t0: torch.Tensor, band: Fo
 
 def subtract_rest(target: torch.Tensor, ctf_band_full: torch.Tensor, sub: Subtraction, idx: np.ndarray,
                   band: FourierBand, ctf_mode: str) -> torch.Tensor:
-    """Particles' band coefficients less the rest's projection at their consensus poses.
+    """Particles' band coefficients less the rest's projection: the consensus part at the consensus poses,
+    each other body (``sub.moving``) at its own.
 
     Args:
         target: ``(B, P)`` compared coefficients (:func:`gmmrefine.refine.global_refine.comparison_inputs`).
@@ -115,8 +152,10 @@ def subtract_rest(target: torch.Tensor, ctf_band_full: torch.Tensor, sub: Subtra
         ``(B, P)`` complex64.
     """
     assert sub.scale is not None, "subtract_rest: measure the scale first (measure_scale)"
-    rot, t0 = _consensus_pose(sub, idx, band)
-    rest = _project(sub.rest, rot, t0, band)
+    rest = torch.zeros_like(target)
+    for gmm, angles_deg, shift_A in sub.parts():
+        if gmm.n:
+            rest += _project(gmm, *_poses(angles_deg, shift_A, idx, band), band)
     return target - sub.scale[band.ring_index] * model_ctf(ctf_band_full, ctf_mode) * rest
 
 
@@ -162,5 +201,55 @@ def consensus_subtraction(start_dir, masks: dict[int, torch.Tensor], apix: float
         whole = GaussianMixture.load(Path(start_dir) / f"gmm_half{half}.npz")
         return Subtraction(rest=split_gmm(whole, masks[half], apix)[1], whole=whole,
                            angles_deg=np.asarray(angles_deg), shift_A=np.asarray(shift_A))
+
+    return subtraction
+
+
+def lockstep_subtraction(job_path, plan: dict, index: int, k: int, masks: dict[int, torch.Tensor], apix: float,
+                         angles_deg: np.ndarray, shift_A: np.ndarray):
+    """``half -> Subtraction`` of body ``index`` in iteration ``k`` of a lock-step multi-body refinement.
+
+    Iteration 1 is :func:`consensus_subtraction`. From iteration 2 on, every other body ``c`` is taken
+    out with its own GMM and poses of iteration ``k - 1`` (``patches/bNN/itK``: the GMM it was aligned
+    against and the poses that alignment gave, a consistent pair), in its share of what lies outside
+    this body, ``(1 - M_b) M_c / max(1, sum_c M_c)``; what no other mask holds,
+    ``(1 - M_b)(1 - min(1, sum_c M_c))``, stays the consensus GMM at the consensus poses. The shares and
+    the body's own ``M_b`` add up to 1 everywhere, so nothing is subtracted twice where masks overlap.
+    Half ``h`` reads only half ``h``'s files.
+
+    Args:
+        job_path: the multi-body job; plan: its ``patches/patches.json``; index: the body (0-based).
+        k: the iteration about to run (>= 1).
+        masks: ``half -> (D, D, D)`` this body's mask; apix: A/voxel of the masks.
+        angles_deg, shift_A: ``(N, 3)``, ``(N, 2)`` consensus poses.
+    """
+    from pathlib import Path
+
+    from gmmrefine.io.mrc import read_map
+    from gmmrefine.refine.global_refine import it_dir, load_poses
+
+    job_path = Path(job_path)
+    start_dir = job_path / plan["start_dir"]
+    if k <= 1:
+        return consensus_subtraction(start_dir, masks, apix, angles_deg, shift_A)
+    others = [p["name"] for i, p in enumerate(plan["patches"]) if i != index]
+
+    def subtraction(half: int) -> Subtraction:
+        whole = GaussianMixture.load(start_dir / f"gmm_half{half}.npz")
+        outside = 1.0 - torch.as_tensor(masks[half])
+        other_masks = [torch.as_tensor(read_map(job_path / "patches" / c / f"mask_half{half}.mrc")[0]) for c in others]
+        claimed = torch.stack(other_masks).sum(0)
+        moving = []
+        for name, m in zip(others, other_masks):
+            stage = job_path / "patches" / name
+            # This half's rows only (the other half's are left at the consensus, and never read)
+            refined = load_poses(stage / it_dir(k - 1) / f"poses_half{half}.npz")
+            angles, shifts = np.array(angles_deg, dtype=np.float64), np.array(shift_A, dtype=np.float64)
+            angles[refined["indices"]], shifts[refined["indices"]] = refined["angles_deg"], refined["shift_A"]
+            gmm = GaussianMixture.load(stage / it_dir(k - 1) / f"gmm_half{half}.npz")
+            moving.append(PosedPart(weighted_gmm(gmm, outside * m / claimed.clamp(min=1.0), apix), angles, shifts))
+        rest = weighted_gmm(whole, outside * (1.0 - claimed.clamp(max=1.0)), apix)
+        return Subtraction(rest=rest, whole=whole, angles_deg=np.asarray(angles_deg), shift_A=np.asarray(shift_A),
+                           moving=tuple(moving))
 
     return subtraction
