@@ -110,3 +110,35 @@ def test_grids_go_to_the_cpu_when_the_gpu_cannot_hold_them(monkeypatch):
     assert invert.grid_device("cuda:0", [256, 256, 384]) == torch.device("cuda:0")  # 9.0 GB of 12 GiB
     assert invert.grid_device("cuda:0", [512]) == torch.device("cpu")               # 13.4 GB > 0.8 * 12 GiB
     assert len(calls) == 2
+
+
+def test_start_grid_grows_only_when_the_estimate_needs_it(runs, tmp_path, monkeypatch):
+    """Without --resolution-start, each half's start maps are made on the smallest start grid and again
+    on the next when the estimate lies too near that grid's Nyquist (here the grids 32 and 64 px of the
+    96-px box: 12 and 6 A Nyquist for an estimate near 10 A)."""
+    import gmmrefine.refine.global_refine as G
+
+    assert G.larger_start_box(256, 1.0, 7.17, 128) is None       # the box-256 benchmark's start: 110 px suffice
+    assert G.larger_start_box(256, 1.0, 4.0, 128) == 256         # would need 180 px
+    assert G.larger_start_box(200, 1.0, 4.0, 128) == 200
+    assert G.larger_start_box(512, 1.0, 3.0, 256) is None        # the largest start grid: iteration 1 measures on
+    monkeypatch.setattr(G, "START_FSC_BOXES", (32, 64))
+    grids = []
+    original = G.half_pass
+
+    def counted(*args, **kwargs):
+        if kwargs.get("gmm") is None:
+            grids.append(kwargs["fsc_box"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(G, "half_pass", counted)
+    job = tmp_path / "job"
+    assert cli_main(["refine", "--particles", str(runs["sim"] / "particles_perturbed.star"), "--out", str(job),
+                     "--iterations", "1", "--gmm-steps", "20", "--minres", "40"]) == 0
+    assert grids[:4] == [32, 64, 32, 64], grids
+    log = (job / "log.txt").read_text()
+    for h in (1, 2):
+        assert f"start, half {h}:" in log and "again on 64 px" in log
+        estimate = json.loads((job / "it000" / f"half{h}_resolution.json").read_text())["resolution_A"]
+        assert 2 * APIX * BOX / 64 < estimate < 2 * APIX * BOX / 32 * 1.25, estimate
+        assert read_map(job / "it000" / f"half{h}.mrc")[0].shape == (64,) * 3
