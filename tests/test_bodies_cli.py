@@ -199,7 +199,8 @@ def test_bodies_bad_input_is_refused_before_anything_is_written(runs, capsys):
     cases = [([runs["masks"][0], root / "wrong_box.mrc"], [], "px wide"),
              ([root / "missing.mrc"], [], "not found"),
              (runs["masks"], ["--patches", "2"], "--bodies excludes"),
-             (runs["masks"], ["--sym", "C2"], "C1")]
+             (runs["masks"], ["--sym", "C2"], "C1"),
+             (runs["masks"], ["--body-context", "width", "--body-rest-poses", "bodies"], "nothing is subtracted")]
     out = root / "bad_context"
     assert cli_main(["refine", "--particles", str(star), "--out", str(out), "--body-context", "width"]) == 2
     assert "applies to --bodies only" in capsys.readouterr().err and not out.exists()
