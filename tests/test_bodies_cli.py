@@ -2,13 +2,17 @@
 composite, body motions; overlapping masks count the density once; half 1 never sees half 2's data."""
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from _halves import copy_with_half2_changed
+from _jobs import differing, patch_outputs, reset_to_before_patches
+from _kill import kill_after_step
 
 from gmmrefine.cli.main import main as cli_main
 from gmmrefine.fourier.masks import soft_sphere
@@ -190,6 +194,25 @@ def test_bodies_subtract_the_rest_by_default_and_widen_it_on_request_keeping_the
         assert np.array_equal(read_map(c / f)[0], read_map(d / f)[0]), f
     assert not np.array_equal(read_map(c / "final" / "composite_half2.mrc")[0],
                               read_map(d / "final" / "composite_half2.mrc")[0])
+
+
+def test_lockstep_bodies_continue_after_a_kill_and_with_jobs_2_give_the_same_result(runs):
+    """Lock-step rounds resume where a killed run stopped (here in body 1's second iteration, after body 2's
+    first), and worker processes (--jobs 2) run each round's bodies side by side: the same bits."""
+    star, masks, reference = runs["star"], runs["masks"], patch_outputs(runs["A"])
+    parallel = runs["root"] / "lockstep_jobs2"
+    reset_to_before_patches(runs["A"], parallel)
+    assert _refine(star, parallel, masks, "--continue", "--jobs", "2") == 0
+    assert differing(reference, patch_outputs(parallel)) == []
+    killed = runs["root"] / "lockstep_killed"
+    reset_to_before_patches(runs["A"], killed)
+    cmd = [sys.executable, "-m", "gmmrefine", "refine", "--particles", str(star), "--out", str(killed), *OPTIONS,
+           "--bodies", *map(str, masks), "--continue"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the reference's thread count
+    kill_after_step(cmd, killed / "patches" / "b01" / "state.json", "it002/half1/refine", env=env)
+    assert "it002/half2/refine" not in json.loads((killed / "patches" / "b01" / "state.json").read_text())["done"]
+    assert _refine(star, killed, masks, "--continue") == 0
+    assert differing(reference, patch_outputs(killed)) == []
 
 
 def test_bodies_bad_input_is_refused_before_anything_is_written(runs, capsys):

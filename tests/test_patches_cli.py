@@ -3,7 +3,6 @@ each bit-identical to the uninterrupted serial run; bad input refused before any
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from _halves import copy_with_half2_changed
+from _jobs import differing, patch_outputs, reset_to_before_patches
 from _kill import kill_after_step
 
 from gmmrefine.cli.main import main as cli_main
@@ -41,39 +41,6 @@ def runs(tmp_path_factory, adk_open_pdb):
     return dict(root=root, star=sim / "particles_perturbed.star", A=root / "A", B=root / "B")
 
 
-def _patch_outputs(job: Path) -> dict[str, object]:
-    """Every patch-stage output that is not a log or a timing: maps, GMMs, poses, STAR files."""
-    out = {}
-    for path in sorted([*(job / "patches").rglob("*"), *(job / "final").glob("composite_*")]):
-        rel = str(path.relative_to(job))
-        if path.suffix == ".mrc":
-            out[rel] = read_map(path)[0]
-        elif path.suffix in (".npz",):
-            with np.load(path) as z:
-                out.update({f"{rel}:{k}": np.asarray(z[k]) for k in z.files})
-        elif path.suffix == ".npy":
-            out[rel] = np.load(path)
-        elif path.suffix == ".star":
-            out[rel] = path.read_text()
-    return out
-
-
-def _reset_to_before_patches(src: Path, dst: Path) -> None:
-    """A copy of a finished job as it was when its global refinement had just finished."""
-    shutil.copytree(src, dst)
-    shutil.rmtree(dst / "patches")
-    for f in (dst / "final").glob("composite_*"):
-        f.unlink()
-    state = json.loads((dst / "state.json").read_text())
-    state["done"] = {k: v for k, v in state["done"].items() if not k.startswith("patches") and k != "finished"}
-    (dst / "state.json").write_text(json.dumps(state))
-
-
-def _equal(a: dict, b: dict) -> list[str]:
-    assert a.keys() == b.keys()
-    return [k for k in a if not (np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k])]
-
-
 def test_patch_outputs_and_report(runs):
     job = runs["A"]
     plan = json.loads((job / "patches" / "patches.json").read_text())
@@ -100,7 +67,7 @@ def test_patch_outputs_and_report(runs):
 
 
 def test_gold_standard_half1_ignores_half2_data_across_patches(runs):
-    a, b = _patch_outputs(runs["A"]), _patch_outputs(runs["B"])
+    a, b = patch_outputs(runs["A"]), patch_outputs(runs["B"])
     half1 = [k for k in a if "half1" in k.split(":")[0].rsplit("/", 1)[-1] or k.endswith("labels_half1.npy")]
     assert len(half1) >= 15
     for key in half1:
@@ -111,7 +78,7 @@ def test_gold_standard_half1_ignores_half2_data_across_patches(runs):
 
 def test_continue_after_sigkill_in_a_patch_gives_the_same_result(runs):
     out = runs["root"] / "killed"
-    _reset_to_before_patches(runs["A"], out)
+    reset_to_before_patches(runs["A"], out)
     cmd = [sys.executable, "-m", "gmmrefine", "refine", "--particles", str(runs["star"]), "--out", str(out), *OPTIONS,
            "--continue"]
     # The same thread count as the in-process runs it is compared with.
@@ -119,14 +86,14 @@ def test_continue_after_sigkill_in_a_patch_gives_the_same_result(runs):
     kill_after_step(cmd, out / "patches" / "p01" / "state.json", "it001/half1/refine", env=env)
     assert "patches/p01" not in json.loads((out / "state.json").read_text())["done"]
     assert _refine(runs["star"], out, "--continue") == 0
-    assert _equal(_patch_outputs(runs["A"]), _patch_outputs(out)) == []
+    assert differing(patch_outputs(runs["A"]), patch_outputs(out)) == []
 
 
 def test_jobs_2_gives_the_same_result_as_jobs_1(runs):
     out = runs["root"] / "jobs2"
-    _reset_to_before_patches(runs["A"], out)
+    reset_to_before_patches(runs["A"], out)
     assert _refine(runs["star"], out, "--continue", "--jobs", "2") == 0
-    assert _equal(_patch_outputs(runs["A"]), _patch_outputs(out)) == []
+    assert differing(patch_outputs(runs["A"]), patch_outputs(out)) == []
 
 
 def test_bad_input_is_refused_and_nothing_is_written(runs, capsys):
@@ -136,7 +103,7 @@ def test_bad_input_is_refused_and_nothing_is_written(runs, capsys):
     write_map(root / "mask_apix.mrc", np.full((ps.box,) * 3, 0.5, np.float32), 2 * ps.apix)
     write_map(root / "mask_range.mrc", np.full((ps.box,) * 3, 1.5, np.float32), ps.apix)
     unfinished = root / "unfinished"
-    _reset_to_before_patches(runs["A"], unfinished)
+    reset_to_before_patches(runs["A"], unfinished)
     state = json.loads((unfinished / "state.json").read_text())
     del state["done"]["final"]
     (unfinished / "state.json").write_text(json.dumps(state))
