@@ -415,7 +415,8 @@ def run_patch(job_path: str | Path, index: int, *, progress: bool = True, until:
     seed = stage.seed_for("fsc")
     info = {"name": name, "iterations": k,
             "seconds": sum(h.get("seconds", 0.0) for h in histories[1:]),
-            "wall_seconds": time.perf_counter() - t0,
+            # a lock-step body ran over several calls, this one its last iteration only: no wall time
+            "wall_seconds": None if lockstep(plan) else time.perf_counter() - t0,
             "mean_change_deg": float(change.mean()), "std_change_deg": float(change.std()),
             "global": masked_resolution(maps["global"][0], maps["global"][1], mask_eval, apix, seed=seed),
             "patch": masked_resolution(maps["patch"][0], maps["patch"][1], mask_eval, apix, seed=seed),
