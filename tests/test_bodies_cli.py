@@ -60,7 +60,7 @@ def runs(tmp_path_factory, adk_open_pdb):
     original = subtract.subtract_rest
 
     def counted(*args, **kwargs):
-        calls.append((len(args[3]), len(args[2].moving)))
+        calls.append((len(args[3]), len(args[2].parts) - 1))
         return original(*args, **kwargs)
 
     subtract.subtract_rest = counted

@@ -15,7 +15,7 @@ from gmmrefine.gmm.project import fourier_band, project_gmm
 from gmmrefine.io.mrc import write_stack
 from gmmrefine.io.particles import read_particles
 from gmmrefine.reconstruct.invert import _ctf_of
-from gmmrefine.refine.subtract import Subtraction, measure_scale, split_gmm, subtract_rest
+from gmmrefine.refine.subtract import PosedPart, Subtraction, measure_scale, split_gmm, subtract_rest
 
 BOX, APIX = 32, 2.0
 
@@ -59,7 +59,8 @@ def test_subtract_rest_leaves_the_body_of_model_particles(ctf_mode):
     s = scale[band.ring_index]
     whole = project_gmm(gmm, rot, t0, band)
     target = s * ctf * whole if ctf_mode == "full" else s * ctf.abs() * whole
-    sub = Subtraction(rest=rest, whole=gmm, angles_deg=angles, shift_A=shift_A, scale=scale)
+    sub = Subtraction(parts=(PosedPart(rest, angles, shift_A),), whole=gmm, angles_deg=angles, shift_A=shift_A,
+                      scale=scale)
     left = subtract_rest(target, ctf, sub, np.arange(n), band, ctf_mode)
     expected = s * (ctf if ctf_mode == "full" else ctf.abs()) * project_gmm(body, rot, t0, band)
     err = (left - expected).abs().max() / expected.abs().max()
@@ -88,7 +89,8 @@ def test_measure_scale_finds_the_factor_of_particles_written_to_disk(tmp_path):
     write_stack(tmp_path / names[0].split("@")[1], images.numpy().astype(np.float32), APIX)
     band = fourier_band(BOX, APIX, 40.0, 6.0)
     for ctf_mode in ("full", "flip"):
-        sub = Subtraction(rest=gmm, whole=gmm, angles_deg=ps.angles_deg, shift_A=ps.shift_A)
+        sub = Subtraction(parts=(PosedPart(gmm, ps.angles_deg, ps.shift_A),), whole=gmm, angles_deg=ps.angles_deg,
+                          shift_A=ps.shift_A)
         scale = measure_scale(ps, ps.half(1), sub, band, ctf_mode, torch.device("cpu"))
         truth = 3.0 * torch.exp(-40.0 * (band.shell.to(torch.float32) / (BOX * APIX)) ** 2)
         assert torch.allclose(scale, truth, rtol=2e-3), (ctf_mode, scale, truth)

@@ -656,7 +656,7 @@ def pass_key(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, gmm: Ga
                    settings.ctf, settings.reconstruct_ctf, pose, boxes)).encode())
     h.update(np.ascontiguousarray(np.asarray(angles_deg, dtype=np.float64)[idx]).tobytes())
     h.update(np.ascontiguousarray(np.asarray(shift_A, dtype=np.float64)[idx]).tobytes())
-    posed = [(gmm, None, None)] + ([] if subtract is None else subtract.parts())
+    posed = [(gmm, None, None)] + ([] if subtract is None else [(m.gmm, m.angles_deg, m.shift_A) for m in subtract.parts])
     for g, part_angles, part_shift in posed:
         if g is not None:
             for t in (g.centers_A, g.amplitudes, g.widths_A):
@@ -816,13 +816,14 @@ def _resolution_json(path: Path, p: HalfPass, box: int) -> dict:
     return info
 
 
-def current_poses(job, ps, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Poses of all particles after iteration ``k`` (0: the input's), from the job's files."""
+def current_poses(job, ps, k: int, *, halves: tuple[int, ...] = HALVES) -> tuple[np.ndarray, np.ndarray]:
+    """Poses of all particles after iteration ``k`` (0: the input's), from the job's files; only the rows
+    of ``halves`` are read (the others keep the input's poses)."""
     angles = np.array(ps.angles_deg, dtype=np.float64)
     shifts = np.array(ps.shift_A, dtype=np.float64)
     if k == 0:
         return angles, shifts
-    for h in HALVES:
+    for h in halves:
         d = load_poses(job.path / it_dir(k) / f"poses_half{h}.npz")
         angles[d["indices"]] = d["angles_deg"]
         shifts[d["indices"]] = d["shift_A"]

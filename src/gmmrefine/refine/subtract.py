@@ -43,7 +43,8 @@ _BATCH = 64
 
 @dataclass
 class PosedPart:
-    """Gaussians that move with their own per-particle poses: another body, where it is in each image.
+    """Gaussians projected at their own per-particle poses: another body where it is in each image, or the
+    rest of the consensus at the consensus poses.
 
     Attributes:
         gmm: the body's Gaussians (amplitudes already weighted by its share, :func:`weighted_gmm`).
@@ -60,33 +61,29 @@ class Subtraction:
     """What is subtracted from one half's images before its body is aligned.
 
     Attributes:
-        rest: the Gaussians outside the body held at the consensus poses, amplitudes ``A_i (1 - M(c_i))``
-            (:func:`split_gmm`) in the first iteration, or only what no other body's mask holds in lock-step.
-        whole: the consensus GMM ``rest`` was split from (the per-ring scale is measured against it).
+        parts: every subtracted model with the poses it is projected at. The first iteration subtracts one:
+            the Gaussians of the consensus GMM outside the body, amplitudes ``A_i (1 - M(c_i))``
+            (:func:`split_gmm`), at the consensus poses; lock-step iterations subtract each other body at
+            its own poses, and what no other body's mask holds at the consensus poses.
+        whole: the consensus GMM (the per-ring scale is measured against it).
         angles_deg, shift_A: ``(N, 3)``, ``(N, 2)`` consensus poses of all particles (input order).
         scale: ``(R,)`` per-ring factor of the band the half is refined in (:func:`measure_scale`);
             None until measured.
-        moving: the other bodies at their own poses (lock-step iterations), subtracted too.
     """
 
-    rest: GaussianMixture
+    parts: tuple[PosedPart, ...]
     whole: GaussianMixture
     angles_deg: np.ndarray
     shift_A: np.ndarray
     scale: torch.Tensor | None = None
-    moving: tuple[PosedPart, ...] = ()
 
     def to(self, device) -> Subtraction:
         def gmm(g: GaussianMixture) -> GaussianMixture:
             return g.to(device=device, dtype=torch.float32)
 
-        return dataclasses.replace(self, rest=gmm(self.rest), whole=gmm(self.whole),
+        return dataclasses.replace(self, whole=gmm(self.whole),
                                    scale=None if self.scale is None else self.scale.to(device),
-                                   moving=tuple(dataclasses.replace(m, gmm=gmm(m.gmm)) for m in self.moving))
-
-    def parts(self) -> list[tuple[GaussianMixture, np.ndarray, np.ndarray]]:
-        """Every subtracted model with the poses it is projected at: ``(gmm, angles_deg, shift_A)``."""
-        return [(self.rest, self.angles_deg, self.shift_A)] + [(m.gmm, m.angles_deg, m.shift_A) for m in self.moving]
+                                   parts=tuple(dataclasses.replace(m, gmm=gmm(m.gmm)) for m in self.parts))
 
 
 def split_gmm(gmm: GaussianMixture, mask: torch.Tensor, apix: float) -> tuple[GaussianMixture, GaussianMixture]:
@@ -138,8 +135,7 @@ def _project(gmm: GaussianMixture, rot: torch.Tensor, t0: torch.Tensor, band: Fo
 
 def subtract_rest(target: torch.Tensor, ctf_band_full: torch.Tensor, sub: Subtraction, idx: np.ndarray,
                   band: FourierBand, ctf_mode: str) -> torch.Tensor:
-    """Particles' band coefficients less the rest's projection: the consensus part at the consensus poses,
-    each other body (``sub.moving``) at its own.
+    """Particles' band coefficients less the rest's projection: each of ``sub.parts`` at its own poses.
 
     Args:
         target: ``(B, P)`` compared coefficients (:func:`gmmrefine.refine.global_refine.comparison_inputs`).
@@ -153,9 +149,9 @@ def subtract_rest(target: torch.Tensor, ctf_band_full: torch.Tensor, sub: Subtra
     """
     assert sub.scale is not None, "subtract_rest: measure the scale first (measure_scale)"
     rest = torch.zeros_like(target)
-    for gmm, angles_deg, shift_A in sub.parts():
-        if gmm.n:
-            rest += _project(gmm, *_poses(angles_deg, shift_A, idx, band), band)
+    for part in sub.parts:
+        if part.gmm.n:
+            rest += _project(part.gmm, *_poses(part.angles_deg, part.shift_A, idx, band), band)
     return target - sub.scale[band.ring_index] * model_ctf(ctf_band_full, ctf_mode) * rest
 
 
@@ -199,8 +195,9 @@ def consensus_subtraction(start_dir, masks: dict[int, torch.Tensor], apix: float
 
     def subtraction(half: int) -> Subtraction:
         whole = GaussianMixture.load(Path(start_dir) / f"gmm_half{half}.npz")
-        return Subtraction(rest=split_gmm(whole, masks[half], apix)[1], whole=whole,
-                           angles_deg=np.asarray(angles_deg), shift_A=np.asarray(shift_A))
+        angles, shifts = np.asarray(angles_deg), np.asarray(shift_A)
+        return Subtraction(parts=(PosedPart(split_gmm(whole, masks[half], apix)[1], angles, shifts),), whole=whole,
+                           angles_deg=angles, shift_A=shifts)
 
     return subtraction
 
@@ -224,9 +221,10 @@ def lockstep_subtraction(job_path, plan: dict, index: int, k: int, masks: dict[i
         angles_deg, shift_A: ``(N, 3)``, ``(N, 2)`` consensus poses.
     """
     from pathlib import Path
+    from types import SimpleNamespace
 
     from gmmrefine.io.mrc import read_map
-    from gmmrefine.refine.global_refine import it_dir, load_poses
+    from gmmrefine.refine.global_refine import current_poses, it_dir
 
     job_path = Path(job_path)
     start_dir = job_path / plan["start_dir"]
@@ -239,17 +237,16 @@ def lockstep_subtraction(job_path, plan: dict, index: int, k: int, masks: dict[i
         outside = 1.0 - torch.as_tensor(masks[half])
         other_masks = [torch.as_tensor(read_map(job_path / "patches" / c / f"mask_half{half}.mrc")[0]) for c in others]
         claimed = torch.stack(other_masks).sum(0)
-        moving = []
+        consensus = SimpleNamespace(angles_deg=angles_deg, shift_A=shift_A)
+        parts = [PosedPart(weighted_gmm(whole, outside * (1.0 - claimed.clamp(max=1.0)), apix),
+                           np.asarray(angles_deg), np.asarray(shift_A))]
         for name, m in zip(others, other_masks):
-            stage = job_path / "patches" / name
-            # This half's rows only (the other half's are left at the consensus, and never read)
-            refined = load_poses(stage / it_dir(k - 1) / f"poses_half{half}.npz")
-            angles, shifts = np.array(angles_deg, dtype=np.float64), np.array(shift_A, dtype=np.float64)
-            angles[refined["indices"]], shifts[refined["indices"]] = refined["angles_deg"], refined["shift_A"]
-            gmm = GaussianMixture.load(stage / it_dir(k - 1) / f"gmm_half{half}.npz")
-            moving.append(PosedPart(weighted_gmm(gmm, outside * m / claimed.clamp(min=1.0), apix), angles, shifts))
-        rest = weighted_gmm(whole, outside * (1.0 - claimed.clamp(max=1.0)), apix)
-        return Subtraction(rest=rest, whole=whole, angles_deg=np.asarray(angles_deg), shift_A=np.asarray(shift_A),
-                           moving=tuple(moving))
+            stage = SimpleNamespace(path=job_path / "patches" / name)
+            # this half's rows only (the other half's stay at the consensus, its files unread)
+            poses = current_poses(stage, consensus, k - 1, halves=(half,))
+            gmm = GaussianMixture.load(stage.path / it_dir(k - 1) / f"gmm_half{half}.npz")
+            parts.append(PosedPart(weighted_gmm(gmm, outside * m / claimed.clamp(min=1.0), apix), *poses))
+        return Subtraction(parts=tuple(parts), whole=whole, angles_deg=np.asarray(angles_deg),
+                           shift_A=np.asarray(shift_A))
 
     return subtraction
