@@ -242,9 +242,9 @@ def main() -> int:
         latest = json.loads((args.out / "results.json").read_text())
         if latest["settings"] == settings:
             results["arms"] = latest["arms"] | results["arms"]
-    tmp = args.out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(args.out / "results.json")
+    from gmmrefine.io.atomic import write_json_atomic
+
+    write_json_atomic(args.out / "results.json", results)
     print(f"{'arm':10s} {'LID':>7s} {'rest':>7s} {'whole':>7s} {'LID pose err':>12s} {'wall s':>8s}")
     for arm, r in results["arms"].items():
         r = r.get("multibody", r)
