@@ -144,3 +144,20 @@ def test_noisy_map_in_a_large_box_seeds_near_the_molecule_and_fits_in_a_cropped_
     truth_whole = _fsc_floor(map_gmm_fsc(whole, clean, apix), box, apix, 8.0)
     print(f"FSC to the noise-free map (lowest to 8 A): cropped {truth_cropped:.3f}, whole box {truth_whole:.3f}")
     assert truth_cropped >= truth_whole - 0.01
+
+
+def test_every_half_gmm_after_the_first_takes_a_third_of_the_steps(adk_open_pdb):
+    """refine's first fit takes every step; a warm start and a refit after N grew take a third
+    (``WARM_STEP_FRACTION``), the refit seeded afresh by k-means at the band's N."""
+    from gmmrefine.gmm.build import REFERENCE_SPACING_FRACTION, estimate_n
+    from gmmrefine.refine.global_refine import build_half_gmm
+
+    vol, _ = _adk_map(adk_open_pdb, 48, 2.0, 6.0)
+    target = estimate_n(vol, 2.0, 6.0, spacing_fraction=REFERENCE_SPACING_FRACTION)
+    first, info = build_half_gmm(vol, 2.0, 6.0, init=None, seed=0, steps=9)
+    assert (info["steps"], info["seeding"], first.n) == (9, "k-means", target)
+    warm, info = build_half_gmm(vol, 2.0, 6.0, init=first, seed=0, steps=9)
+    assert (info["steps"], info["seeding"], warm.n) == (3, "warm start", target)
+    few = GaussianMixture(first.centers_A[: target // 2], first.amplitudes[: target // 2], first.widths_A[: target // 2])
+    refit, info = build_half_gmm(vol, 2.0, 6.0, init=few, seed=0, steps=9)
+    assert (info["steps"], info["seeding"], refit.n) == (3, "k-means", target)

@@ -73,8 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full: multiply the GMM projections by each particle's CTF (the matched filter; "
                              "measured more accurate at low SNR); flip: compare with phase-flipped particles (paper)")
     parser.add_argument("--gmm-steps", type=int, default=150,
-                        help="Adam steps of a GMM fitted afresh to a half map (a fit warm-started from the "
-                             "previous iteration's GMM takes a third of them)")
+                        help="Adam steps of the first GMM fitted to each half map (every later fit, warm-started "
+                             "from the previous iteration's GMM or seeded afresh when the band asks for more "
+                             "Gaussians, takes a third of them)")
     parser.add_argument("--full-maps", action="store_true",
                         help="write every iteration's half maps at the particles' box (default: on the grid the "
                              "iteration works on, cropped to its band; final/ is always full size)")
