@@ -24,7 +24,10 @@ multi-body refinement, on one simulated set with a hinged domain (issue 20), in 
    (f) ``relion``: ``relion_refine_mpi`` local auto-refine from the perturbed poses (``benchmarks/refine.py``
        ``RELION_OPTIONS``, reference our start map at 8 A), then ``relion_refine_mpi --continue`` its last
        optimiser with ``--multibody_masks`` (the same two masks, sigma 10 degrees / 2 A, the rest rotating
-       relative to the LID and back, ``--reconstruct_subtracted_bodies``), 3 MPI ranks on the same cores.
+       relative to the LID and back, ``--reconstruct_subtracted_bodies``), 3 MPI ranks on the same cores,
+       until it converges. A stopped multi-body run is continued from its newest optimiser file by the next
+       call; every iteration's body maps are judged (``multibody_iterations``), the row being the final maps
+       once converged, else the last iteration's. ``--arms relion_judge`` judges the folders without running.
 3. Per arm: the masked FSC to the noise-free map (mean over shells,
    :func:`gmmrefine.pipeline.evaluate.masked_fsc_to_truth`) of each body (its own half maps in its mask:
    the body's focused or multi-body maps; the composite for patches) and of the whole composite; the
@@ -110,47 +113,85 @@ def lid_error(star: Path, truth) -> float:
     return float(domain_pose_errors(truth, ps.angles_deg).mean())
 
 
+#: RELION's multi-body sampling (kept by every continuation): local searches of sigma 10 deg / 2 A per body.
+MULTIBODY_OPTIONS = ["--solvent_correct_fsc", "--oversampling", "1", "--pad", "2", "--healpix_order", "4",
+                     "--auto_local_healpix_order", "4", "--offset_range", "3", "--offset_step", "1",
+                     "--reconstruct_subtracted_bodies", "--dont_combine_weights_via_disc", "--pool", "30", "--j", "1"]
+
+
+def multibody_iterations(mb: Path) -> dict[int, str]:
+    """Prefix (``run_itNNN`` or, after a continuation, ``run_ctK_itNNN``) of each multi-body iteration whose
+    body maps are on disk, the newest file for an iteration that was written twice; ``-1``: the final maps."""
+    import re
+
+    found: dict[int, tuple[float, str]] = {}
+    for f in mb.glob("run*_half1_body001_unfil.mrc"):
+        prefix = f.name[: -len("_half1_body001_unfil.mrc")]
+        m = re.search(r"_it(\d{3})$", prefix)
+        it = int(m.group(1)) if m else -1
+        if it not in found or f.stat().st_mtime > found[it][0]:
+            found[it] = (f.stat().st_mtime, prefix)
+    return {it: prefix for it, (_, prefix) in sorted(found.items())}
+
+
 def relion_multibody(sim: Path, out: Path, global_job: Path, mask_paths: dict[str, Path], truth, truth_map, masks,
-                     apix: float, diameter_A: float) -> dict:
-    """RELION's consensus local refinement, then its multi-body refinement from that run's last iteration."""
+                     apix: float, diameter_A: float, *, run: bool = True) -> dict:
+    """RELION's consensus local refinement, then its multi-body refinement from that run's last iteration,
+    continued from its newest optimiser file when an earlier call was stopped (each RELION iteration takes
+    8-30 min on 2 cores); every iteration's body maps judged, and the final ones once RELION has converged.
+    ``run=False`` only judges what the folders hold."""
     from refine import run_relion, truth_mask
 
     from gmmrefine.io.particles import read_particles
 
     true_poses = read_particles(sim / "particles.star")
-    consensus = run_relion(sim, global_job, out, true_poses, truth_map, truth_mask(truth_map, apix), apix, diameter_A,
-                           reuse=True)
     rdir = out / "relion"
-    last = sorted(rdir.glob("run_it[0-9][0-9][0-9]_optimiser.star"))[-1]
+    consensus = None
+    if run or (rdir / "run_data.star").is_file():  # (a converged consensus is judged, not run again)
+        consensus = run_relion(sim, global_job, out, true_poses, truth_map, truth_mask(truth_map, apix), apix,
+                               diameter_A, reuse=True)
     mb = out / "relion_multibody"
-    shutil.rmtree(mb, ignore_errors=True)
-    mb.mkdir()
-    lid, rest = mask_paths["lid"], mask_paths["rest"]
-    (mb / "bodies.star").write_text("data_\nloop_\n_rlnBodyMaskName\n_rlnBodyRotateRelativeTo\n_rlnBodySigmaAngles\n"
-                                    f"_rlnBodySigmaOffset\n{lid} 2 10 2\n{rest} 1 10 2\n")
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi", "--continue", str(last),
-           "--o", str(mb / "run"), "--multibody_masks", str(mb / "bodies.star"), "--solvent_correct_fsc",
-           "--oversampling", "1", "--pad", "2", "--healpix_order", "4", "--auto_local_healpix_order", "4",
-           "--offset_range", "3", "--offset_step", "1", "--reconstruct_subtracted_bodies",
-           "--dont_combine_weights_via_disc", "--pool", "30", "--j", "1"]
+    commands = []
     t0 = time.time()
-    with open(mb / "log.txt", "w") as log:
-        subprocess.run(cmd, cwd=sim, stdout=log, stderr=subprocess.STDOUT, check=True)
-    wall = time.time() - t0
-    halves = {b: [mb / f"run_half{h}_body{i + 1:03d}_unfil.mrc" for h in (1, 2)] for i, b in enumerate(BODIES)}
-    row = judge(halves, None, masks, truth_map)
-    # RELION's composite of its bodies, made as ours are (its own half maps of each body in its mask)
+    if run and -1 not in multibody_iterations(mb):
+        optimisers = sorted(mb.glob("run*_it[0-9][0-9][0-9]_optimiser.star"), key=lambda f: f.stat().st_mtime)
+        if optimisers:
+            cmd = ["--continue", str(optimisers[-1])]
+        else:
+            shutil.rmtree(mb, ignore_errors=True)
+            mb.mkdir()
+            lid, rest = mask_paths["lid"], mask_paths["rest"]
+            (mb / "bodies.star").write_text("data_\nloop_\n_rlnBodyMaskName\n_rlnBodyRotateRelativeTo\n"
+                                            f"_rlnBodySigmaAngles\n_rlnBodySigmaOffset\n{lid} 2 10 2\n{rest} 1 10 2\n")
+            last = sorted(rdir.glob("run_it[0-9][0-9][0-9]_optimiser.star"))[-1]
+            cmd = ["--continue", str(last), "--multibody_masks", str(mb / "bodies.star")]
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi", *cmd,
+               "--o", str(mb / "run"), *MULTIBODY_OPTIONS]
+        commands.append(" ".join(cmd))
+        with open(mb / "log.txt", "a") as log:
+            subprocess.run(cmd, cwd=sim, stdout=log, stderr=subprocess.STDOUT, check=True)
+    from gmmrefine.pipeline.evaluate import masked_fsc_to_truth
     from gmmrefine.refine.composite import composite_map
 
-    comp = []
-    for h in (1, 2):
-        fallback = torch.as_tensor(maps([rdir / f"run_half{h}_class001_unfil.mrc"])[0])
-        comp.append(composite_map([torch.as_tensor(maps([halves[b][h - 1]])[0]) for b in BODIES],
-                                  [torch.as_tensor(masks[b]) for b in BODIES], fallback).numpy())
-    from gmmrefine.pipeline.evaluate import masked_fsc_to_truth
+    def judged(prefix: str) -> dict:
+        halves = {b: [mb / f"{prefix}_half{h}_body{i + 1:03d}_unfil.mrc" for h in (1, 2)] for i, b in enumerate(BODIES)}
+        row = judge(halves, None, masks, truth_map)
+        # RELION's composite of its bodies, made as ours are (its own half maps of each body in its mask)
+        comp = []
+        for h in (1, 2):
+            fallback = torch.as_tensor(maps([rdir / f"run_half{h}_class001_unfil.mrc"])[0])
+            comp.append(composite_map([torch.as_tensor(maps([halves[b][h - 1]])[0]) for b in BODIES],
+                                      [torch.as_tensor(masks[b]) for b in BODIES], fallback).numpy())
+        row["masked_fsc_whole"] = masked_fsc_to_truth(comp[0], comp[1], truth_map, masks["whole"])
+        return row | {"maps": prefix}
 
-    row["masked_fsc_whole"] = masked_fsc_to_truth(comp[0], comp[1], truth_map, masks["whole"])
-    return {"consensus": consensus, "multibody": row | {"wall_s": wall, "command": " ".join(cmd)}}
+    done = multibody_iterations(mb)
+    rows = {("final" if it < 0 else f"it{it:03d}"): judged(prefix) for it, prefix in done.items()}
+    last = rows.get("final") or (rows[max(k for k in rows)] if rows else {})
+    return {"consensus": consensus,
+            "multibody": last | {"converged": "final" in rows, "commands_this_call": commands,
+                                 "wall_s_this_call": time.time() - t0 if commands else None},
+            "multibody_iterations": rows}
 
 
 def main() -> int:
@@ -234,9 +275,9 @@ def main() -> int:
             halves = {b: comp for b in BODIES}
         row.update(judge(halves, comp, masks, truth_map))
         results["arms"][arm] = row
-    if "relion" in arms:
+    if "relion" in arms or "relion_judge" in arms:
         results["arms"]["relion"] = relion_multibody(sim, args.out, g, mask_paths, truth, truth_map, masks, apix,
-                                                     args.diameter)
+                                                     args.diameter, run="relion" in arms)
     # Arms another call finished meanwhile (the RELION arm runs for hours beside the others) are kept.
     if (args.out / "results.json").is_file():
         latest = json.loads((args.out / "results.json").read_text())
