@@ -26,7 +26,7 @@ multi-body refinement, on one simulated set with a hinged domain (issue 20), in 
        optimiser with ``--multibody_masks`` (the same two masks, sigma 10 degrees / 2 A, the rest rotating
        relative to the LID and back, ``--reconstruct_subtracted_bodies``), 3 MPI ranks on the same cores,
        until it converges. A stopped multi-body run is continued from its newest optimiser file by the next
-       call; every iteration's body maps are judged (``multibody_iterations``), the row being the final maps
+       call; every iteration's unfiltered body maps are judged (``multibody_iterations``), the row being the final maps
        once converged, else the last iteration's. ``--arms relion_judge`` judges the folders without running.
 3. Per arm: the masked FSC to the noise-free map (mean over shells,
    :func:`gmmrefine.pipeline.evaluate.masked_fsc_to_truth`) of each body (its own half maps in its mask:
@@ -121,12 +121,17 @@ MULTIBODY_OPTIONS = ["--solvent_correct_fsc", "--oversampling", "1", "--pad", "2
 
 def multibody_iterations(mb: Path) -> dict[int, str]:
     """Prefix (``run_itNNN`` or, after a continuation, ``run_ctK_itNNN``) of each multi-body iteration whose
-    body maps are on disk, the newest file for an iteration that was written twice; ``-1``: the final maps."""
+    unfiltered body maps are all on disk, the newest file for an iteration that was written twice; ``-1``: the
+    final maps. (RELION 3.1 left out body 1's unfiltered maps in some iterations after it refined its angular
+    sampling; those iterations are not judged: its filtered maps are not comparable.)"""
     import re
 
     found: dict[int, tuple[float, str]] = {}
     for f in mb.glob("run*_half1_body001_unfil.mrc"):
         prefix = f.name[: -len("_half1_body001_unfil.mrc")]
+        if not all((mb / f"{prefix}_half{h}_body{i + 1:03d}_unfil.mrc").is_file() for h in (1, 2)
+                   for i in range(len(BODIES))):
+            continue
         m = re.search(r"_it(\d{3})$", prefix)
         it = int(m.group(1)) if m else -1
         if it not in found or f.stat().st_mtime > found[it][0]:
