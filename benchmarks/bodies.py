@@ -178,13 +178,14 @@ def relion_multibody(sim: Path, out: Path, global_job: Path, mask_paths: dict[st
     from gmmrefine.pipeline.evaluate import masked_fsc_to_truth
     from gmmrefine.refine.composite import composite_map
 
+    fallbacks = [torch.as_tensor(m) for m in maps([rdir / f"run_half{h}_class001_unfil.mrc" for h in (1, 2)])]
+
     def judged(prefix: str) -> dict:
         halves = {b: [mb / f"{prefix}_half{h}_body{i + 1:03d}_unfil.mrc" for h in (1, 2)] for i, b in enumerate(BODIES)}
         row = judge(halves, None, masks, truth_map)
         # RELION's composite of its bodies, made as ours are (its own half maps of each body in its mask)
         comp = []
-        for h in (1, 2):
-            fallback = torch.as_tensor(maps([rdir / f"run_half{h}_class001_unfil.mrc"])[0])
+        for h, fallback in zip((1, 2), fallbacks):
             comp.append(composite_map([torch.as_tensor(maps([halves[b][h - 1]])[0]) for b in BODIES],
                                       [torch.as_tensor(masks[b]) for b in BODIES], fallback).numpy())
         row["masked_fsc_whole"] = masked_fsc_to_truth(comp[0], comp[1], truth_map, masks["whole"])
