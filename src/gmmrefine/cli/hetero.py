@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minres", type=float, default=100.0, help="low-resolution end of the FRC band, A")
     parser.add_argument("--encoder-input", choices=("gradient", "image"), default="gradient",
                         help="encoder input: FRC gradient w.r.t. the neutral GMM (default) or band-limited images")
-    parser.add_argument("--ctf", choices=("flip", "full"), default="flip",
-                        help="compare with phase-flipped particles (flip) or CTF-multiplied projections (full)")
+    parser.add_argument("--ctf", choices=("flip", "full"), default="full",
+                        help="compare the particles with CTF-multiplied projections (full, default) or the "
+                             "phase-flipped particles with plain projections (flip, the paper's)")
     parser.add_argument("--inference", choices=("optimise", "encoder"), default="optimise",
                         help="each particle's latent optimised on its own score with a standard normal prior "
                              "(optimise, default), or predicted by an encoder network (encoder, the paper's)")
