@@ -224,6 +224,13 @@ def test_continuous_motion_pc1_follows_morph_fraction_in_each_half(morph_data, i
               f"{r.frc_final.mean():.4f}")
         assert abs(rho) >= 0.8
         assert r.frc_final.mean() > r.frc_neutral.mean() + 0.02
+        # each particle's posterior position along PC1 (the column a user selects by) ranks as well, and
+        # its posterior is narrower than the prior (the half's spread of scores): the image informed it
+        assert r.pc1_A is not None and r.pc1_sd_A is not None
+        rho_post = spearmanr(r.pc1_A, fraction[r.indices])[0]
+        print(f"half {h}: posterior mean {rho_post:.3f}, sd {np.median(r.pc1_sd_A):.3f} of {pc1.std():.3f} A")
+        assert abs(rho_post) >= 0.8 and np.sign(rho_post) == np.sign(rho)
+        assert 0 < np.median(r.pc1_sd_A) < 0.8 * pc1.std()
 
 
 @pytest.mark.parametrize("inference", ["optimise", "encoder"])
@@ -241,6 +248,7 @@ def test_gold_standard_half1_is_bit_identical_when_only_half2_changes(morph_data
     a = train_halves(ps, gmms, settings)
     b = train_halves(ps2, gmms, settings)
     assert np.array_equal(a[1].latents, b[1].latents)
+    assert np.array_equal(a[1].pc1_A, b[1].pc1_A) and not np.array_equal(a[2].pc1_A, b[2].pc1_A)
     assert (a[1].encoder is None) == (inference == "optimise")
     for net in ("encoder", "decoder") if inference == "encoder" else ("decoder",):
         sa, sb = getattr(a[1], net).state_dict(), getattr(b[1], net).state_dict()

@@ -25,8 +25,9 @@ DESCRIPTION = (
     "mean FRC). Input: a "
 "gmmrefine refine job (--job: final/particles.star and the last iteration's gmm_half1/2.npz) or the "
     "files directly (--particles, --gmm1, --gmm2). Writes latent.npy (one row per particle, in the particle "
-    "file's order), particles.star with gmmLatent1..L and gmmLatentPC1 columns (PC1: the first principal "
-    "component of the particles' decoded motions, in angstrom), latent_pca.png, "
+    "file's order), particles.star with gmmLatent1..L, gmmLatentPC1 and gmmLatentPC1Sd columns (PC1: the first "
+    "principal component of the particles' decoded motions, in angstrom; each particle's posterior mean and sd "
+    "along it, from its own image), latent_pca.png, "
     "training_curves.png, pc1_half{1,2}.pdb (decoded GMMs along PC1, one MODEL per frame), maps at +/-2 "
     "standard deviations, the networks, summary.json and report.html."
 )

@@ -18,7 +18,8 @@ from gmmrefine.io.atomic import atomic_path, write_json_atomic, write_text_atomi
 from gmmrefine.refine.job_outputs import HeteroInputs
 
 LATENT_COLUMN = "gmmLatent{k}"          # 1-based
-PC1_COLUMN = "gmmLatentPC1"             # PC1 score (A of motion) within the particle's own half
+PC1_COLUMN = "gmmLatentPC1"             # position along PC1 (A of motion) within the particle's own half
+PC1_SD_COLUMN = "gmmLatentPC1Sd"        # its posterior standard deviation (A)
 CLUSTER_COLUMN = "gmmLatentCluster"     # k-means cluster within the particle's own half, 1..CLUSTERS by mean PC1
 TRAJECTORY_SD = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 #: k-means clusters of each half's latents a hetero job writes maps of (and ``select --cluster`` picks from).
@@ -208,7 +209,9 @@ latent vectors, whose spare dimensions can spread as widely as the motion while 
 <img src="latent_pca.png" alt="principal components of each half's decoded motions">
 <h2>Training</h2><img src="training_curves.png" alt="training curves">
 <h2>Outputs</h2><p><code>latent.npy</code> (one row per particle, in the order of the particle file),
-<code>particles.star</code> (columns {html.escape(LATENT_COLUMN.format(k='1..L'))} and {PC1_COLUMN}),
+<code>particles.star</code> (columns {html.escape(LATENT_COLUMN.format(k='1..L'))}, {PC1_COLUMN}: each particle's
+position along PC1, the posterior mean from its own image along the decoded path, and {PC1_SD_COLUMN}, its
+posterior standard deviation),
 <code>pc1_half{{1,2}}.pdb</code> (decoded GMMs along PC1 at {', '.join(f'{t:g}' for t in TRAJECTORY_SD)} standard
 deviations: a movie in ChimeraX with <code>mseries</code>), <code>pc1_half{{1,2}}_{{minus,plus}}2sd.mrc</code>
 (maps of the decoded GMMs at the ends), <code>pc1_series.cxc</code> (open it in ChimeraX: each half's maps along
@@ -236,11 +239,14 @@ def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: Heter
             np.save(fh, table)
     extra = {LATENT_COLUMN.format(k=k + 1): table[:, k].astype(np.float64) for k in range(table.shape[1])}
     pc1 = np.full(len(ps), np.nan)
+    pc1_sd = np.full(len(ps), np.nan)
     per_half = {}
     components = {h: motion_pca(r.latents, r.decoder) for h, r in results.items()}
     for h, r in sorted(results.items()):
         scores, comps, _, var = components[h]
-        pc1[r.indices] = scores[:, 0]
+        pc1[r.indices] = scores[:, 0] if r.pc1_A is None else r.pc1_A
+        if r.pc1_sd_A is not None:
+            pc1_sd[r.indices] = r.pc1_sd_A
         trajectory = torch.as_tensor(pc_trajectory(components[h]))
         gmms = r.decoder.decode_gmm(trajectory)
         write_multimodel_pdb(gmms, out / f"pc1_half{h}.pdb", box=ps.box, apix=ps.apix)
@@ -260,6 +266,8 @@ def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: Heter
             "seconds": r.seconds, "history": r.history,
         }
     extra[PC1_COLUMN] = pc1
+    if any(r.pc1_sd_A is not None for r in results.values()):
+        extra[PC1_SD_COLUMN] = pc1_sd
     subset = np.zeros(len(ps), dtype=np.int64)
     for h, r in results.items():
         subset[r.indices] = h
