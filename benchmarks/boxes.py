@@ -41,6 +41,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reconstruct import measured, replicate_star
 
+from gmmrefine.io.atomic import write_json_atomic
+
 MODEL = Path(__file__).resolve().parents[1] / "src" / "gmmrefine" / "data" / "adk_open.pdb"
 
 
@@ -124,8 +126,10 @@ def print_row(r: dict, flush: bool = False) -> None:
     print(line, flush=flush)
 
 
-def relion_comparison(out: Path, n: int, relion_timeout_s: float | None = None) -> dict:
-    """Box 256, an O assembly of adk (per-copy hinges), gmmrefine against relion_refine_mpi, to convergence."""
+def relion_comparison(out: Path, n: int, relion_timeout_s: float | None = None, previous: dict | None = None) -> dict:
+    """Box 256, an O assembly of adk (per-copy hinges), gmmrefine against relion_refine_mpi, to convergence.
+    With ``previous`` (the ``relion`` entry of an earlier ``results.json`` in ``out``) neither program runs
+    again: gmmrefine's measurements are kept and RELION's finished folder is judged again."""
     from refine import run_relion, truth_mask
 
     from gmmrefine.io.mrc import read_map
@@ -138,6 +142,11 @@ def relion_comparison(out: Path, n: int, relion_timeout_s: float | None = None) 
     mask = truth_mask(truth_map, apix)
     result: dict = {"n": n}
     job = out / "relion_cmp_gmmrefine"
+    if previous is not None:
+        result["gmmrefine"] = previous["gmmrefine"]
+        result["relion"] = run_relion(sim, job, out, truth, truth_map, mask, apix, 140.0, reuse=True)
+        result["start"] = previous["start"]
+        return result
     shutil.rmtree(job, ignore_errors=True)
     result["gmmrefine"] = measured(gm("refine", "--particles", str(sim / "particles_perturbed.star"), "--out", str(job)))
     steps = step_seconds(job)
@@ -152,6 +161,24 @@ def relion_comparison(out: Path, n: int, relion_timeout_s: float | None = None) 
     result["start"] = dict(zip(("angular_error_deg", "shift_error_A"),
                                pose_errors(start.angles_deg, start.shift_A, truth.angles_deg, truth.shift_A)))
     return result
+
+
+def same_size_rows(g: dict, rl: dict, tolerance: float = 0.1) -> list[dict]:
+    """Each gmmrefine iteration beside RELION's iterations that worked on a grid of about the same size.
+
+    An iteration's cost follows the Fourier box it works on: our working box (``boxes``, half 1's refine
+    step) and RELION's ``rlnCurrentImageSize``. RELION's iterations whose size is within ``tolerance``
+    (relative) of ours give the peer's seconds at that size; ``ratio`` is their mean over ours (None
+    where RELION never worked at that size)."""
+    rows = []
+    for k, seconds in enumerate(g["iterations_s"], start=1):
+        box = (g["boxes"].get(f"it{k:03d}/half1/refine") or [None])[0]
+        peers = [t for t, size in zip(rl.get("seconds_per_iteration_each", []), rl.get("image_size_each", []))
+                 if box and size and abs(size - box) <= tolerance * box]
+        rows.append({"iteration": k, "box": box, "seconds": seconds, "relion_iterations": len(peers),
+                     "relion_seconds": float(np.mean(peers)) if peers else None,
+                     "ratio": float(np.mean(peers)) / seconds if peers else None})
+    return rows
 
 
 def main() -> int:
@@ -170,18 +197,28 @@ def main() -> int:
     parser.add_argument("--relion-n", type=int, default=2000)
     parser.add_argument("--relion-timeout", type=float, default=None,
                         help="seconds after which RELION is stopped and judged by its last finished iteration")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="run nothing: judge the --relion comparison already in --out again (its results.json "
+                             "and RELION's folder) and print the tables")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                     "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-    print("box      n  gmmrefine refine --iterations auto --max-iterations 1 --resolution-start 8 | peer")
-    results["boxes"] = box_rows(out, args.boxes, args.counts, args.sim_n, args.baseline, args.baseline_boxes,
-                                args.largest_box_counts)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    previous = None
+    if args.rejudge:
+        results = json.loads((out / "results.json").read_text())
+        previous = results["relion"]
+        args.relion, args.relion_n = True, previous["n"]
+    else:
+        results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+        print("box      n  gmmrefine refine --iterations auto --max-iterations 1 --resolution-start 8 | peer")
+        results["boxes"] = box_rows(out, args.boxes, args.counts, args.sim_n, args.baseline, args.baseline_boxes,
+                                    args.largest_box_counts)
+        write_json_atomic(out / "results.json", results)
     if args.relion:
-        r = results["relion"] = relion_comparison(out, args.relion_n, args.relion_timeout)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        r = results["relion"] = relion_comparison(out, args.relion_n, args.relion_timeout, previous)
+        r["same_size"] = same_size_rows(r["gmmrefine"], r["relion"])
+        write_json_atomic(out / "results.json", results)
         g, rl = r["gmmrefine"], r["relion"]
         print(f"\nbox 256, {r['n']} particles, O assembly (C1), start {r['start']['angular_error_deg']:.2f} deg / "
               f"{r['start']['shift_error_A']:.2f} A")
@@ -195,6 +232,14 @@ def main() -> int:
                   f"{rl['iterations']}")
         print(f"per iteration: {rl['seconds_per_iteration'] / g['seconds_per_iteration']:.1f}x faster; total "
               f"{rl['wall_s'] / g['wall_s']:.1f}x; peak RSS {g['peak_rss_MB'] / rl['peak_rss_MB']:.2f} of RELION's")
+        print("\nper iteration at the same working grid (RELION's rlnCurrentImageSize within 10 % of our box)")
+        print("iteration  box px  gmmrefine s  RELION iterations  RELION s (mean)  ratio")
+        for row in r["same_size"]:
+            peer = ("none at this size" if row["ratio"] is None
+                    else f"{row['relion_iterations']:17d}  {row['relion_seconds']:15.0f}  {row['ratio']:5.1f}x")
+            print(f"{row['iteration']:9d}  {row['box'] or 0:6d}  {row['seconds']:11.0f}  {peer}")
+        print("RELION's iterations: image size " + ", ".join(f"{s}" for s in rl.get("image_size_each", []))
+              + " px; seconds " + ", ".join(f"{t:.0f}" for t in rl["seconds_per_iteration_each"]))
     return 0
 
 

@@ -161,6 +161,18 @@ def run_relion(sim: Path, job: Path, out: Path, truth, truth_map: np.ndarray, ma
     return _judge_relion(rdir, cmd, t0, converged, truth, truth_map, mask, apix)
 
 
+def relion_current_size(rdir: Path, iteration: int) -> tuple[int | None, float | None]:
+    """``(rlnCurrentImageSize px, rlnCurrentResolution A)`` that RELION's half-1 model file of an iteration
+    records (the Fourier box its images are cropped to, RELION's working grid); None where not written."""
+    path = rdir / f"run_it{iteration:03d}_half1_model.star"
+    if not path.is_file():
+        return None, None
+    text = path.read_text()
+    size = re.search(r"_rlnCurrentImageSize\s+(\d+)", text)
+    res = re.search(r"_rlnCurrentResolution\s+([\d.eE+-]+|inf)", text)
+    return (int(size.group(1)) if size else None), (float(res.group(1)) if res else None)
+
+
 def _judge_relion(rdir: Path, cmd: list[str] | None, t0: float | None, converged: bool, truth, truth_map: np.ndarray,
                   mask: np.ndarray, apix: float) -> dict:
     """:func:`run_relion`'s measurements of the run in ``rdir`` (``t0``: its start, None if not known)."""
@@ -186,8 +198,9 @@ def _judge_relion(rdir: Path, cmd: list[str] | None, t0: float | None, converged
     ang, sh = pose_errors(angles, shifts, truth)
     r1 = read_map(maps[0])[0]
     r2 = read_map(maps[1])[0]
+    sizes = [relion_current_size(rdir, k) for k in range(1, len(its))]
     return {"command": None if cmd is None else " ".join(cmd), "wall_s": wall, "iterations": len(its) - 1, "peak_rss_MB": rss_mb,
-            "converged": converged,
+            "converged": converged, "image_size_each": [x[0] for x in sizes], "resolution_A_each": [x[1] for x in sizes],
             "masked_fsc": masked_fsc_to_truth(r1, r2, truth_map, mask),
             "startup_s": stamps[1] - stamps[0] if len(stamps) > 1 else None,
             "seconds_per_iteration": float(np.mean(per_it)) if per_it else wall,
