@@ -18,8 +18,8 @@ DESCRIPTION = (
     "file RELION and cryoSPARC read, with every column and block of the job's particles.star. "
     "--pc1-range LOW HIGH keeps the particles whose PC1 score lies in [LOW, HIGH] standard deviations of "
     "their own half's scores (the report's PC1 maps are drawn at -2 and +2). --cluster K of --clusters N "
-    "keeps k-means cluster K (1 = lowest mean PC1, N = highest) of each half's latents, clustered per half "
-    "so the halves stay independent."
+    "keeps k-means cluster K (1 = lowest mean PC1, N = highest) of each half's particles in their decoded-motion "
+    "coordinates (the gmmLatentPC columns, angstrom), clustered per half so the halves stay independent."
 )
 
 
@@ -50,7 +50,7 @@ def pc1_in_sd(pc1: np.ndarray, subset: np.ndarray) -> np.ndarray:
 
 
 def main(args) -> int:
-    from gmmrefine.hetero.outputs import CLUSTER_COLUMN, LATENT_COLUMN, PC1_COLUMN, cluster_labels
+    from gmmrefine.hetero.outputs import CLUSTER_COLUMN, LATENT_COLUMN, PC1_COLUMN, PC_COLUMN, cluster_labels
     from gmmrefine.io.star import read_star, write_star
 
     star = args.hetero / "particles.star"
@@ -84,12 +84,16 @@ def main(args) -> int:
         if args.clusters < 2 or not (1 <= args.cluster <= args.clusters):
             raise InputError(f"--cluster/--clusters: expected 1 <= cluster <= clusters and clusters >= 2, got "
                              f"{args.cluster} of {args.clusters}.", field="--cluster")
-        latents = df[latent_columns].to_numpy(dtype=np.float64)
+        # the job's motion coordinates: PC1, then PC2.. where written (jobs before them: PC1 alone)
+        k_pc = 2
+        while PC_COLUMN.format(k=k_pc) in df.columns:
+            k_pc += 1
+        motion = df[[PC1_COLUMN, *(PC_COLUMN.format(k=c) for c in range(2, k_pc))]].to_numpy(dtype=np.float64)
         own = df[CLUSTER_COLUMN].to_numpy(dtype=np.int64) if CLUSTER_COLUMN in df.columns else None
         if own is not None and int(own.max()) == args.clusters and args.seed == 0:
             labels = own  # the clusters whose maps the job wrote
         else:
-            labels = cluster_labels(latents, pc1, subset, args.clusters, args.seed)
+            labels = cluster_labels(motion, subset, args.clusters, args.seed)
         keep = labels == args.cluster
         what = f"k-means cluster {args.cluster} of {args.clusters} per half"
     if not keep.any():
