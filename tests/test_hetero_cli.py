@@ -271,6 +271,17 @@ def test_cluster_maps_select_and_chimerax_series(data, tmp_path):
                                                         for c in range(1, CLUSTERS + 1)}
         for c in range(1, CLUSTERS + 1):
             assert (out / f"cluster_half{h}_k{c}_gmm.mrc").is_file()
+    # the clusters are made in the written motion coordinates (PC1 position, PC2.. scores, angstrom), numbered
+    # by their mean PC1; the job's labels are exactly k-means of those columns, not of the latents
+    from gmmrefine.hetero.outputs import cluster_labels
+
+    latent_dim = sum(c.startswith("gmmLatent") and c[len("gmmLatent"):].isdigit() for c in star.columns)
+    motion = star[[f"gmmLatentPC{k}" for k in range(1, latent_dim + 1)]].to_numpy(np.float64)
+    assert latent_dim >= 2 and np.isfinite(motion).all() and "gmmLatentPC1Sd" in star.columns
+    assert np.array_equal(cluster_labels(motion, subset, CLUSTERS, seed=0), labels)
+    for h in (1, 2):
+        means = [motion[(subset == h) & (labels == c), 0].mean() for c in range(1, CLUSTERS + 1)]
+        assert np.all(np.diff(means) > 0), means
     # select --cluster picks the job's own clusters
     assert cli_main(["select", "--hetero", str(out), "--cluster", "2", "--out", str(tmp_path / "c2.star")]) == 0
     chosen = read_star(tmp_path / "c2.star")["particles"]

@@ -80,6 +80,7 @@ def cluster_labels(motion: np.ndarray, subset: np.ndarray, k: int, seed: int) ->
         if len(rows) < k:
             raise InputError(f"--clusters {k}: half {h} has only {len(rows)} particles.", field="--clusters")
         coords = np.asarray(motion, dtype=np.float64)[rows]
+        coords = coords[:, np.isfinite(coords).all(0)]  # a half with fewer components than the other
         raw = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(coords)
         order = np.argsort([coords[raw == c, 0].mean() for c in range(k)])
         rank = np.empty(k, dtype=np.int64)
