@@ -7,12 +7,13 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
 from gmmrefine.gmm.model import GaussianMixture
-from gmmrefine.hetero.networks import Decoder, Encoder, motion_pca
+from gmmrefine.hetero.networks import Decoder, Encoder
 from gmmrefine.hetero.train import HalfResult, HeteroSettings
 from gmmrefine.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from gmmrefine.refine.job_outputs import HeteroInputs
@@ -251,7 +252,8 @@ def write_outputs(out: Path, ps, results: dict[int, HalfResult], settings: Heter
         with open(tmp, "wb") as fh:
             np.save(fh, table)
     extra = {LATENT_COLUMN.format(k=k + 1): table[:, k].astype(np.float64) for k in range(table.shape[1])}
-    components = {h: motion_pca(r.latents, r.decoder) for h, r in results.items()}
+    assert all(r.components is not None for r in results.values()), "train_half sets the motion components"
+    components = {h: cast(Components, r.components) for h, r in results.items()}
     motion = np.full((len(ps), max(c[0].shape[1] for c in components.values())), np.nan)
     pc1 = motion[:, 0]  # a view: PC1 is the first motion coordinate
     pc1_sd = np.full(len(ps), np.nan)

@@ -231,6 +231,8 @@ class HalfResult:
         encoder, decoder: the trained networks (CPU); no encoder with the ``"optimise"`` inference.
         history: per epoch ``epoch``, ``stage``, ``loss``, ``frc`` (mean training FRC), ``seconds``.
         seconds: wall time.
+        components: :func:`~gmmrefine.hetero.networks.motion_pca` of the trained latents and decoder
+            ``(scores, directions, mean, variance)``, made once here and used by every output.
         pc1_A, pc1_sd_A: ``(n,)`` each particle's position along the half's first motion component
             (angstrom of PC1 score) and its uncertainty, the posterior mean and standard deviation from
             its own image (:func:`pc1_posterior`); None where the objective is no log-likelihood
@@ -247,6 +249,7 @@ class HalfResult:
     decoder: Decoder
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    components: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
     pc1_A: np.ndarray | None = None
     pc1_sd_A: np.ndarray | None = None
 
@@ -657,13 +660,15 @@ def train_half(stream: HalfStream, settings: HeteroSettings, *, half: int, seed:
         encoder.eval()
     latents, frc_final = _latents(encoder, decoder, stream, 4 * settings.batch,
                                   None if free is None else free.z)
+    components = motion_pca(latents.cpu().numpy(), decoder)
     position = sd = None
     if settings.objective == "snr":
-        position, sd = pc1_posterior(stream, decoder, motion_pca(latents.cpu().numpy(), decoder), 4 * settings.batch)
+        position, sd = pc1_posterior(stream, decoder, components, 4 * settings.batch)
     return HalfResult(half=half, seed=int(seed), indices=stream.indices, latents=latents.cpu().numpy(),
                       frc_neutral=frc_neutral.cpu().numpy(), frc_final=frc_final.cpu().numpy(),
                       encoder=None if encoder is None else encoder.cpu(), decoder=decoder.cpu(), history=history,
-                      seconds=time.perf_counter() - t_start, pc1_A=position, pc1_sd_A=sd)
+                      seconds=time.perf_counter() - t_start, components=components, pc1_A=position,
+                      pc1_sd_A=sd)
 
 
 #: Points of the grid along PC1 on which each particle's posterior is evaluated, spread over
