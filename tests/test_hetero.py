@@ -196,24 +196,37 @@ def test_ctf_multiplied_projections_tell_conformations_apart_better_than_phase_f
     assert separation["full"] > 1.05 * separation["flip"], separation
 
 
-@pytest.mark.parametrize("inference,epochs", [("optimise", 8), ("encoder", 20)])
-def test_continuous_motion_pc1_follows_morph_fraction_in_each_half(morph_data, inference, epochs, monkeypatch):
+@pytest.mark.parametrize("inference,epochs,refits", [("optimise", 8, 1), ("encoder", 20, 0)])
+def test_continuous_motion_pc1_follows_morph_fraction_in_each_half(morph_data, inference, epochs, refits,
+                                                                    monkeypatch):
     import gmmrefine.hetero.train as train
 
     sim, ps, gmms, fraction = morph_data
-    calls = {"latent": 0}
+    calls = {"latent": 0, "refit": 0}
     steps = train._FreeLatents.steps_
+    refit = train.refit_neutral
 
     def counted(*args, **kwargs):
         calls["latent"] += 1
         return steps(*args, **kwargs)
 
+    def counted_refit(*args, **kwargs):
+        calls["refit"] += 1
+        return refit(*args, **kwargs)
+
     monkeypatch.setattr(train._FreeLatents, "steps_", counted)
-    settings = HeteroSettings(epochs=epochs, maxres_A=RESOLUTION_A, progress=False, seed=0, inference=inference)
+    monkeypatch.setattr(train, "refit_neutral", counted_refit)
+    settings = HeteroSettings(epochs=epochs, maxres_A=RESOLUTION_A, progress=False, seed=0, inference=inference,
+                              refits=refits)
     results = train_halves(ps, gmms, settings)
-    # the optimised latents: every minibatch of every epoch, and once more at the end
+    # the optimised latents: every minibatch of every epoch, and once more at the end, in every training
     batches = sum(-(-len(ps.half(h)) // settings.batch) for h in (1, 2))
-    assert calls["latent"] == ((epochs + 1) * batches if inference == "optimise" else 0)
+    assert calls["latent"] == ((refits + 1) * (epochs + 1) * batches if inference == "optimise" else 0)
+    assert calls["refit"] == 2 * refits
+    for h, r in results.items():
+        assert len(r.refits) == refits
+        # the decoder moves the refitted neutral GMM, not the one it was given
+        assert torch.equal(r.decoder.widths_A, gmms[h].widths_A) == (refits == 0)
     table = latent_table(ps, results)
     assert table.shape == (len(ps), 4) and np.isfinite(table).all()
     for h, r in results.items():
@@ -245,6 +258,7 @@ def test_gold_standard_half1_is_bit_identical_when_only_half2_changes(morph_data
         m.data[rows] = np.random.default_rng(1).normal(size=(len(rows), ps.box, ps.box)).astype(np.float32)
     ps2 = read_particles(other / "particles.star")
     settings = HeteroSettings(epochs=3, maxres_A=RESOLUTION_A, progress=False, seed=7, inference=inference)
+    assert settings.refits == 1  # the default: each half's neutral GMM is refitted from its own particles
     a = train_halves(ps, gmms, settings)
     b = train_halves(ps2, gmms, settings)
     assert np.array_equal(a[1].latents, b[1].latents)
@@ -265,3 +279,39 @@ def test_streaming_without_cache_gives_the_same_networks(morph_data):
     streamed = train_halves(ps, gmms, HeteroSettings(**base, cache_bytes=0), halves=(1,))[1]
     assert np.array_equal(cached.latents, streamed.latents)
     assert np.array_equal(cached.frc_neutral, streamed.frc_neutral)
+
+
+def test_refitted_neutral_is_nearer_the_central_conformation_than_the_consensus_gmm(morph_data):
+    """A half's GMM refitted to its central particles along the motion (:func:`refit_neutral`, here given
+    the true morph fraction as the position) must describe the conformation at their mean better than the
+    consensus GMM, whose moving parts average the whole morph: its rendered map's FSC with the atomic
+    density of that conformation, averaged over the shells of the band, must be higher."""
+    import argparse
+    import json
+
+    from gmmrefine.cli.simulate import build_source
+    from gmmrefine.fourier.fsc import fourier_shell_correlation
+    from gmmrefine.hetero.train import CENTRAL_SD, refit_neutral
+    from gmmrefine.simulate.density import atoms_to_map
+
+    sim, ps, gmms, fraction = morph_data
+    ns = argparse.Namespace(**json.loads((sim / "simulation.json").read_text()))
+    source, _, _ = build_source(ns)
+    settings = HeteroSettings(maxres_A=RESOLUTION_A, progress=False)
+    shells = int(ps.box * ps.apix / RESOLUTION_A)
+    for h in (1, 2):
+        idx = ps.half(h)
+        gmm, info = refit_neutral(ps, idx, fraction[idx], ps.angles_deg, ps.shift_A, gmms[h], settings, half=h,
+                                  seed=h)
+        central = np.abs(fraction[idx] - fraction[idx].mean()) <= CENTRAL_SD * fraction[idx].std()
+        assert info["n_particles"] == int(central.sum()) and 0.5 < central.mean() < 0.75
+        f = float(fraction[idx][central].mean())
+        coords = source.coords_A + f * (source.end_A - source.coords_A)
+        truth = atoms_to_map(coords, ps.box, ps.apix, elements=source.elements, center_A=source.center_A,
+                             bfactor_A2=source.bfactor_A2)
+        fsc = {name: float(fourier_shell_correlation(g.render_map(ps.box, ps.apix), truth)[1:shells + 1].mean())
+               for name, g in (("consensus", gmms[h]), ("refit", gmm))}
+        print(f"half {h}: {info['n_particles']} central particles, mean fraction {f:.2f}: FSC to its "
+              f"conformation over the band {fsc}")
+        assert gmm.n == gmms[h].n
+        assert fsc["refit"] > fsc["consensus"] + 0.01, fsc

@@ -12,7 +12,8 @@ import torch
 
 from gmmrefine.cli.main import main as cli_main
 from gmmrefine.gmm.build import build_gmm
-from gmmrefine.hetero.outputs import load_networks
+from gmmrefine.gmm.model import GaussianMixture
+from gmmrefine.hetero.outputs import BAND_BEYOND_RESOLUTION, load_networks
 from gmmrefine.hetero.train import HalfStream, HeteroSettings, compute_features, hetero_band
 from gmmrefine.io.mrc import read_map
 from gmmrefine.io.particles import read_particles
@@ -58,7 +59,11 @@ def test_outputs_and_row_order(data):
     settings = HeteroSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["settings"].items()})
     enc, dec = load_networks(out / "networks_half2.pt")
     idx = ps.half(2)
-    stream = HalfStream(ps, idx, ps.angles_deg, ps.shift_A, hetero_band(ps, settings), settings, gmm)
+    # the encoder's input is the FRC gradient against the half's neutral GMM as refitted (the decoder's)
+    assert len(summary["halves"]["2"]["neutral_refits"]) == 1
+    neutral = GaussianMixture(dec.centers_A, dec.amplitudes, dec.widths_A)
+    assert neutral.n == gmm.n and not torch.allclose(neutral.centers_A, gmm.centers_A)
+    stream = HalfStream(ps, idx, ps.angles_deg, ps.shift_A, hetero_band(ps, settings), settings, neutral)
     feats, _ = compute_features(stream)
     with torch.no_grad():
         z = enc(feats.cpu()).numpy()   # the job may have run on a GPU (--device auto)
@@ -66,8 +71,9 @@ def test_outputs_and_row_order(data):
     # The multi-model PDB: 7 frames along PC1, each with every Gaussian; the decoder's zero latent is neutral.
     st = gemmi.read_structure(str(out / "pc1_half1.pdb"))
     assert len(st) == 7 and all(m.count_atom_sites() == gmm.n for m in st)
-    centers, _ = dec(torch.zeros(1, 3))
-    assert torch.allclose(centers[0], gmm.centers_A, atol=1e-5)
+    _, dec1 = load_networks(out / "networks_half1.pt")
+    centers, _ = dec1(torch.zeros(1, 3))
+    assert torch.allclose(centers[0], dec1.centers_A, atol=1e-5)
     assert summary["halves"]["1"]["n_particles"] + summary["halves"]["2"]["n_particles"] == len(ps)
 
 
@@ -86,7 +92,8 @@ def test_job_folder_input(data, tmp_path):
     hj = tmp_path / "hj"
     assert cli_main(["hetero", "--job", str(job), "--out", str(hj), "--epochs", "1"]) == 0
     summary = json.loads((hj / "summary.json").read_text())
-    assert summary["settings"]["maxres_A"] == 12.0
+    # no half estimates in this job: its resolution, with the band reaching 15 % beyond it (snr objective)
+    assert summary["settings"]["maxres_A"] == pytest.approx(12.0 / BAND_BEYOND_RESOLUTION) and BAND_BEYOND_RESOLUTION == 1.15
     assert summary["gmms"]["1"].endswith("it002/gmm_half1.npz")
     assert np.load(hj / "latent.npy").shape == (120, 4)
 
@@ -137,7 +144,8 @@ def test_mask_gives_domain_poses_and_maps(data, tmp_path):
     assert np.isfinite(change).all() and change.max() < 6.0
     summary = json.loads((hj / "summary.json").read_text())
     # Trilinear sampling: the mask exceeds 0.5 from half a voxel left of its edge.
-    assert summary["domain"]["1"]["n_domain_gaussians"] == int((gmm.centers_A[:, 0] > -0.5 * ps.apix).sum())
+    _, dec = load_networks(hj / "networks_half1.pt")  # its neutral GMM, as refitted
+    assert summary["domain"]["1"]["n_domain_gaussians"] == int((dec.centers_A[:, 0] > -0.5 * ps.apix).sum())
 
 
 def _job_folder(root, sim, *, half_resolution: dict, resolution: float, noisy_half2: bool):
@@ -177,7 +185,9 @@ def test_job_defaults_keep_half1_independent_of_half2(data, tmp_path):
         assert cli_main(["hetero", "--job", str(job), "--out", str(job / "hj"), "--epochs", "1"]) == 0
     sa = json.loads((a / "hj" / "summary.json").read_text())
     sb = json.loads((b / "hj" / "summary.json").read_text())
-    assert sa["settings"]["half_maxres_A"] == [12.0, 14.0] and sb["settings"]["half_maxres_A"] == [12.0, 10.0]
+    assert sa["settings"]["half_maxres_A"] == [12.0 / BAND_BEYOND_RESOLUTION, 14.0 / BAND_BEYOND_RESOLUTION]
+    assert sb["settings"]["half_maxres_A"] == [12.0 / BAND_BEYOND_RESOLUTION, 10.0 / BAND_BEYOND_RESOLUTION]
+    assert sa["settings"]["refits"] == 1 and len(sa["halves"]["1"]["neutral_refits"]) == 1  # the default path
     half1 = sorted(p.name for p in (a / "hj").iterdir() if "half1" in p.name)
     # networks, PC1 model series, the two PC1 maps, the 7 maps of the PC1 volume series, and per k-means
     # cluster its reconstruction and decoder map
@@ -198,7 +208,7 @@ def test_job_defaults_keep_half1_independent_of_half2(data, tmp_path):
             assert (a / "hj" / name).read_bytes() == (b / "hj" / name).read_bytes(), name
     def untimed(x):  # wall times differ between any two runs
         if isinstance(x, dict):
-            return {k: untimed(v) for k, v in x.items() if k != "seconds"}
+            return {k: untimed(v) for k, v in x.items() if not k.startswith("seconds")}
         return [untimed(v) for v in x] if isinstance(x, list) else x
 
     assert untimed(sa["halves"]["1"]) == untimed(sb["halves"]["1"])

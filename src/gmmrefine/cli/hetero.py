@@ -22,7 +22,8 @@ DESCRIPTION = (
     "decoder (latent vector -> displacement and amplitude change of every Gaussian; a 32-Gaussian coarse GMM "
     "carries the motion) so that decoded GMMs projected at the consensus poses match the particles over the "
     "band, each ring weighted by its SNR measured on the half's own particles (--objective frc: the paper's "
-    "mean FRC). Input: a "
+    "mean FRC); then each half's neutral GMM is refitted to the map of its central particles along PC1 "
+    "(sharper where a domain moves than the consensus) and the half trained again (--refits). Input: a "
 "gmmrefine refine job (--job: final/particles.star and the last iteration's gmm_half1/2.npz) or the "
     "files directly (--particles, --gmm1, --gmm2). Writes latent.npy (one row per particle, in the particle "
     "file's order), particles.star with gmmLatent1..L, gmmLatentPC1 and gmmLatentPC1Sd columns (PC1: the first "
@@ -53,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="particles per optimiser step")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--maxres", type=float, default=None,
-                        help="high-resolution end of the FRC band, A (default: the job's resolution, "
-                             "no finer than 4 pixels)")
+                        help="high-resolution end of the FRC band, A (default: 15 %% beyond each half's own "
+                             "resolution with --objective snr, down to Nyquist; the resolution itself with frc)")
     parser.add_argument("--minres", type=float, default=100.0, help="low-resolution end of the FRC band, A")
     parser.add_argument("--encoder-input", choices=("gradient", "image"), default="gradient",
                         help="encoder input: FRC gradient w.r.t. the neutral GMM (default) or band-limited images")
@@ -69,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", choices=("snr", "frc"), default="snr",
                         help="training objective: ring correlations weighted by each particle's ring SNR, measured "
                              "on the half's own particles (snr, default), or the paper's mean band FRC (frc)")
+    parser.add_argument("--refits", type=int, default=1,
+                        help="times each half's neutral GMM is refitted to the map of its central particles along "
+                             "PC1 (within 1 sd) and the half trained again: a moving domain is sharper there than "
+                             "in the consensus map (0: train once on the given GMMs)")
     parser.add_argument("--chunk", type=int, default=20000, help="particles read from disk at a time")
     parser.add_argument("--seed", type=int, default=0, help="base seed (each half derives its own)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -143,10 +148,11 @@ def _validate(args):
         maxres = args.maxres
     elif inputs.half_resolution_A is not None:
         own = inputs.half_resolution_A
-        half_maxres = (default_maxres_A(own[1], ps.apix), default_maxres_A(own[2], ps.apix))
+        half_maxres = (default_maxres_A(own[1], ps.apix, args.objective),
+                       default_maxres_A(own[2], ps.apix, args.objective))
         maxres = max(half_maxres)
     else:
-        maxres = default_maxres_A(inputs.resolution_A, ps.apix)
+        maxres = default_maxres_A(inputs.resolution_A, ps.apix, args.objective)
     for value in (maxres,) if half_maxres is None else half_maxres:
         if not (value >= 2 * ps.apix * 0.999 and args.minres > value):
             raise InputError(f"--maxres/--minres: need minres > maxres >= Nyquist ({2 * ps.apix:g} A), got "
@@ -155,6 +161,9 @@ def _validate(args):
                               batch=args.batch, lr=args.lr, n_coarse=args.n_coarse,
                               encoder_input=args.encoder_input, minres_A=args.minres, maxres_A=maxres,
                               half_maxres_A=half_maxres, ctf=args.ctf, objective=args.objective,
+                              half_resolution_A=None if inputs.half_resolution_A is None else
+                              (float(inputs.half_resolution_A[1]), float(inputs.half_resolution_A[2])),
+                              refits=args.refits,
                               inference=args.inference, inner_steps=args.inner_steps,
                               chunk=args.chunk, seed=args.seed, device=args.device)
     return inputs, ps, gmms, settings, mask
@@ -197,6 +206,10 @@ def main(args) -> int:
         results = dict(sorted(results.items()))
     assert job is not None  # rank 0 (the only one left here) made the job
     summary = write_outputs(job.path, ps, results, settings, inputs)
+    for h, r in results.items():
+        for i, info in enumerate(r.refits, 1):
+            job.log(f"half {h}: neutral GMM refitted ({i}) to the map of its {info['n_particles']} central "
+                    f"particles at {info['resolution_A']:.2f} A, {info['seconds']:.0f} s")
     for h, v in summary["halves"].items():
         job.log(f"half {h}: FRC {v['frc_neutral']:.4f} -> {v['frc_final']:.4f}, PC1 "
                 f"{100 * v['explained_variance_fraction'][0]:.0f} % of the decoded motion's variance, RMS motion "

@@ -128,6 +128,10 @@ class HeteroSettings:
         half_maxres_A: ``(half 1, half 2)`` high-resolution end of each half's band, replacing
             ``maxres_A`` per half (each from that half's own resolution: no half's band depends on the
             other half's data); None: ``maxres_A`` for both.
+        half_resolution_A: ``(half 1, half 2)`` each half's own resolution estimate, the resolution its
+            refitted neutral GMM is fitted to (:func:`refit_neutral`); None: the band's end.
+        refits: times each half's neutral GMM is refitted to its central particles and the half trained
+            again from the start (:func:`refit_neutral`); 0: one training on the given neutral GMM.
         ctf: ``"full"`` (projections times CTF: each pixel weighed by its signal, see the module
             docstring) or ``"flip"`` (phase-flipped particles against plain projections, the paper's).
         inference: how a particle's latent is found: ``"optimise"`` (each particle's latent is a free
@@ -163,6 +167,8 @@ class HeteroSettings:
     minres_A: float = 100.0
     maxres_A: float = 8.0
     half_maxres_A: tuple[float, float] | None = None
+    half_resolution_A: tuple[float, float] | None = None
+    refits: int = 1
     ctf: str = "full"
     objective: str = "snr"
     inference: str = "optimise"
@@ -194,6 +200,8 @@ class HeteroSettings:
             raise InputError("hetero: inner steps must be >= 1 and the latent step size positive.")
         if self.objective not in OBJECTIVES:
             raise InputError(f"hetero: objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        if self.refits < 0:
+            raise InputError(f"hetero: refits must be >= 0, got {self.refits}.")
         if self.latent_dim < 1 or self.epochs < 1 or self.batch < 1 or self.chunk < 1:
             raise InputError("hetero: latent dimension, epochs, batch and chunk must be >= 1.")
         if self.coarse_epochs is not None and not (0 <= self.coarse_epochs <= self.epochs):
@@ -237,6 +245,8 @@ class HalfResult:
             (angstrom of PC1 score) and its uncertainty, the posterior mean and standard deviation from
             its own image (:func:`pc1_posterior`); None where the objective is no log-likelihood
             (``"frc"``), and the PC1 scores of its latent stand for the position.
+        refits: one entry per refit of the neutral GMM before this training (:func:`refit_neutral`'s
+            info and the earlier training's ``seconds_training``).
     """
 
     half: int
@@ -252,6 +262,7 @@ class HalfResult:
     components: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
     pc1_A: np.ndarray | None = None
     pc1_sd_A: np.ndarray | None = None
+    refits: list[dict] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -724,6 +735,64 @@ def pc1_posterior(stream: HalfStream, decoder: Decoder, components: tuple[np.nda
     return post_mean.cpu().numpy(), post_sd.cpu().numpy()
 
 
+#: Particles of a half within this many standard deviations of its mean PC1 position make its refitted
+#: neutral GMM (:func:`refit_neutral`); about two thirds of them where PC1 is roughly normal.
+CENTRAL_SD = 1.0
+#: Adam steps of a fresh GMM fit in ``refine``, of which the refit takes the warm-start share.
+REFIT_STEPS = 150
+
+
+def refit_neutral(ps, indices: np.ndarray, position: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray,
+                  neutral: GaussianMixture, settings: HeteroSettings, *, half: int, seed: int
+                  ) -> tuple[GaussianMixture, dict]:
+    """A half's neutral GMM refitted to the map of its central particles along PC1.
+
+    The consensus map averages every conformation, so a moving domain is blurred over its whole range
+    and the neutral GMM's Gaussians there are too: moved by the decoder they still describe an average,
+    which caps how well any particle's conformation can be read. The particles within
+    :data:`CENTRAL_SD` sd of the half's mean PC1 position (from a first training) are reconstructed at
+    their consensus poses, CTF-weighted as ``refine`` does, on the band's working grid, and the neutral
+    GMM is refitted to that map (warm start, same Gaussians). Only the half's own particles and
+    training are used. Measured (``benchmarks/hetero_peer.py`` tuning sets, seed 7): the posterior mean
+    along the *true* hinge applied to the GMM's domain Gaussians (the best a GMM allows) ranked particles
+    with |Spearman| 0.913 / 0.907 (half 1 / 2) from GMMs of all particles' maps and 0.938 / 0.929 from
+    the central particles' (LID +/-15 deg); 0.869 / 0.861 and 0.868 / 0.863 at +/-8 deg, where a third
+    of the particles (0.45 sd) gave 0.850 / 0.813: fewer particles, more noise.
+
+    Args:
+        ps: the particle set; indices: ``(n,)`` the half's particles; position: ``(n,)`` their PC1
+            positions (any unit); angles_deg, shift_A: ``(N, 3)``, ``(N, 2)`` consensus poses of all
+            particles.
+        neutral: the half's neutral GMM (the warm start); settings: the half's settings
+            (:meth:`HeteroSettings.for_half`); half: 1 or 2; seed: the fit's seed.
+
+    Returns:
+        ``(gmm, info)``: the refitted GMM (CPU, float32) and ``n_particles``, ``resolution_A``,
+        ``gmm_fsc09_A``, ``seconds``.
+    """
+    from gmmrefine.gmm.build import build_gmm
+    from gmmrefine.reconstruct.insert import FourierAccumulator
+    from gmmrefine.reconstruct.invert import accumulate_halves, reconstruct_map
+    from gmmrefine.refine.global_refine import WARM_STEP_FRACTION, working_box
+
+    t0 = time.perf_counter()
+    position = np.asarray(position, dtype=np.float64)
+    central = np.abs(position - position.mean()) <= CENTRAL_SD * position.std()
+    resolution = (settings.half_resolution_A[half - 1] if settings.half_resolution_A is not None
+                  else settings.maxres_A)
+    work = working_box(ps.box, ps.apix, min(float(resolution), settings.maxres_A))
+    accs = accumulate_halves(ps, angles_deg, shift_A, ctf_mode="wiener", halves=(half,), device=settings.device,
+                             progress=settings.progress, particles=np.asarray(indices)[central],
+                             accs={half: FourierAccumulator(work, device=settings.device)})
+    volume = reconstruct_map(accs.pop(half), consume=True).cpu()
+    # The same Gaussians, moved: the decoder is built on them (a fresh fit would change their number).
+    gmm, info = build_gmm(volume, ps.apix * ps.box / work, float(resolution), init=neutral, seed=seed,
+                          steps=max(1, round(REFIT_STEPS * WARM_STEP_FRACTION)), device=settings.device)
+    gmm = gmm.detach().to(device="cpu", dtype=torch.float32)
+    return gmm, {"n_particles": int(central.sum()), "resolution_A": float(resolution),
+                 "gmm_fsc09_A": info.get("resolution_fsc09_A"), "seconds": time.perf_counter() - t0}
+
+
 def hetero_band(ps, settings: HeteroSettings) -> FourierBand:
     """The FRC band of the settings for the particle set's box and pixel size."""
     return fourier_band(ps.box, ps.apix, settings.minres_A, settings.maxres_A, device=torch.device(settings.device))
@@ -755,8 +824,21 @@ def train_halves(ps, neutral: dict[int, GaussianMixture], settings: HeteroSettin
             raise InputError(f"{ps.path}: half set {h} has no particles; heterogeneity analysis trains each "
                              "half on its own particles (rlnRandomSubset 1 and 2).", path=str(ps.path),
                              field="rlnRandomSubset")
-        stream = HalfStream(ps, indices, angles, shifts, band, half_settings, neutral[h])
-        out[h] = train_half(stream, half_settings, half=h, seed=half_seed(settings.seed, h))
+        gmm = neutral[h]
+        refits = []
+        for refit in range(half_settings.refits + 1):
+            stream = HalfStream(ps, indices, angles, shifts, band, half_settings, gmm)
+            result = train_half(stream, half_settings, half=h, seed=half_seed(settings.seed, h))
+            if refit == half_settings.refits:
+                break
+            assert result.components is not None  # made by every training
+            position = result.pc1_A if result.pc1_A is not None else result.components[0][:, 0]
+            gmm, info = refit_neutral(ps, indices, position, angles, shifts, gmm, half_settings, half=h,
+                                      seed=half_seed(settings.seed, h) + refit)
+            refits.append({**info, "seconds_training": result.seconds})
+        result.refits = refits
+        result.seconds += sum(r["seconds"] + r["seconds_training"] for r in refits)
+        out[h] = result
     return out
 
 
