@@ -152,7 +152,10 @@ def cluster_maps(sim: Path, job: Path, refine_job: Path) -> dict:
     Per half, for clusters 1 and K (lowest and highest mean PC1): the noise-free map at the mean true
     hinge angle of the cluster's particles, and the masked FSC (domain mask, mean over shells) of the
     cluster's reconstruction to it, of the same cluster's map to the other extreme's truth, and of the
-    consensus half map (``refine_job/final/half{h}.mrc``, brought to the cluster map's grid) to it.
+    consensus half map (``refine_job/final/half{h}.mrc``, brought to the cluster map's grid) to it: over
+    every shell of the cluster map's grid (to its Nyquist; the grid follows the hetero band), and, as
+    ``..._to_resolution``, over the shells to the consensus refinement's gold-standard resolution (the
+    band where the data hold signal; the same band whatever grid the maps are on).
     """
     from gmmrefine.io.mrc import read_map
     from gmmrefine.io.star import read_star
@@ -165,6 +168,8 @@ def cluster_maps(sim: Path, job: Path, refine_job: Path) -> dict:
     label, subset = table["gmmLatentCluster"].to_numpy(int), table["rlnRandomSubset"].to_numpy(int)
     mask = read_map(sim / "domain_mask.mrc")[0]
     k = int(label.max())
+    resolution = json.loads((refine_job / "final" / "summary.json").read_text())["resolution_final_A"]
+    shell = int(box * apix / resolution)
 
     def truth_at(angle: float) -> np.ndarray:
         coords = source.conformations(None, np.array([angle]))[0].numpy()
@@ -180,11 +185,12 @@ def cluster_maps(sim: Path, job: Path, refine_job: Path) -> dict:
             cmap = read_map(job / f"cluster_half{h}_k{c}.mrc")[0]
             cons = on_grid_of(cmap, consensus).numpy()
             m = on_grid_of(cmap, mask).numpy()
-            out[f"half{h}_k{c}"] = {
-                "n": int(((subset == h) & (label == c)).sum()), "mean_true_angle_deg": ends[c],
-                "cluster_to_own_truth": masked_fsc_to_truth(cmap, cmap, truths[c], m),
-                "cluster_to_other_truth": masked_fsc_to_truth(cmap, cmap, truths[other], m),
-                "consensus_to_own_truth": masked_fsc_to_truth(cons, cons, truths[c], m)}
+            row: dict = {"n": int(((subset == h) & (label == c)).sum()), "mean_true_angle_deg": ends[c]}
+            for suffix, max_shell in (("", None), ("_to_resolution", shell)):
+                row["cluster_to_own_truth" + suffix] = masked_fsc_to_truth(cmap, cmap, truths[c], m, max_shell)
+                row["cluster_to_other_truth" + suffix] = masked_fsc_to_truth(cmap, cmap, truths[other], m, max_shell)
+                row["consensus_to_own_truth" + suffix] = masked_fsc_to_truth(cons, cons, truths[c], m, max_shell)
+            out[f"half{h}_k{c}"] = row
     return out
 
 
@@ -251,6 +257,25 @@ def cryodrgn_env(out: Path, version: str) -> Path:
     return venv / "bin"
 
 
+def _finished_training(train: Path, cmd: list[str], args) -> dict | None:
+    """The account of a finished ``train_vae`` in ``train`` made by the same command (``measured.json``,
+    or for a training from before that file, the arm of ``--reuse-cryodrgn``'s results file), or None.
+    Its latents are read again and judged now; only the training is not repeated (its inputs, the
+    downsampled stack and the pose and CTF files of the same STAR, are the same)."""
+    if not (train / "run.log").is_file() or "Finished in" not in (train / "run.log").read_text():
+        return None
+    if (train / "measured.json").is_file():
+        run = json.loads((train / "measured.json").read_text())
+        return {**run, "reused": True} if run.pop("command") == cmd else None
+    old = json.loads(Path(args.reuse_cryodrgn).read_text())["arms"]
+    half = train.name.removeprefix("train_half")
+    for r in old.values():
+        if r.get("epochs") == args.cryodrgn_epochs and r.get("zdim") == args.zdim and "box" in r:
+            return {"wall_s": r["halves"][half]["wall_s"], "peak_rss_MB": r["halves"][half]["peak_rss_MB"],
+                    "reused": True}
+    return None
+
+
 def cryodrgn(sim: Path, star: Path, out: Path, args) -> dict:
     """cryoDRGN train_vae on each half (downsampled stack, poses and CTF from ``star``)."""
     from gmmrefine.io.particles import read_particles
@@ -277,11 +302,14 @@ def cryodrgn(sim: Path, star: Path, out: Path, args) -> dict:
         with open(ind, "wb") as fh:
             pickle.dump(rows.astype(np.int64), fh)
         train = out / f"train_half{h}"
-        shutil.rmtree(train, ignore_errors=True)
-        run = measured([*tool, "train_vae", str(small), "--poses", str(out / "pose.pkl"), "--ctf",
-                        str(out / "ctf.pkl"), "--ind", str(ind), "--zdim", str(args.zdim), "-n",
-                        str(args.cryodrgn_epochs), "--seed", "0", "--no-analysis", "-o", str(train),
-                        *args.cryodrgn_args.split()], env=env)
+        cmd = [*tool, "train_vae", str(small), "--poses", str(out / "pose.pkl"), "--ctf", str(out / "ctf.pkl"),
+               "--ind", str(ind), "--zdim", str(args.zdim), "-n", str(args.cryodrgn_epochs), "--seed", "0",
+               "--no-analysis", "-o", str(train), *args.cryodrgn_args.split()]
+        run = _finished_training(train, cmd, args) if args.reuse_cryodrgn else None
+        if run is None:
+            shutil.rmtree(train, ignore_errors=True)
+            run = measured(cmd, env=env)
+            (train / "measured.json").write_text(json.dumps({"command": cmd, **run}))
         z_files = sorted(train.glob("z.*.pkl"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
         with open(z_files[-1] if z_files else train / "z.pkl", "rb") as fh:
             z = np.asarray(pickle.load(fh))
@@ -289,6 +317,7 @@ def cryodrgn(sim: Path, star: Path, out: Path, args) -> dict:
         per_epoch = re.findall(r"\(([\d:.]+) per epoch\)", (train / "run.log").read_text())
         halves[str(h)] = {"spearman_pc1": spearman_pc1(z, truth[rows]), "n": int(len(rows)),
                           "wall_s": run["wall_s"], "peak_rss_MB": run["peak_rss_MB"],
+                          "reused_training": bool(run.get("reused")),
                           "s_per_epoch": _seconds(per_epoch[-1]) if per_epoch else run["wall_s"] / args.cryodrgn_epochs}
     return {"epochs": args.cryodrgn_epochs, "box": args.cryodrgn_box, "zdim": args.zdim, "halves": halves}
 
@@ -314,6 +343,10 @@ def main() -> int:
     parser.add_argument("--cryodrgn-args", default="--uninvert-data",
                         help="more train_vae options (quoted); our particles are white on black, as RELION's")
     parser.add_argument("--zdim", type=int, default=8)
+    parser.add_argument("--reuse-cryodrgn", default=None, metavar="RESULTS_JSON",
+                        help="judge a cryoDRGN training already finished in --out by the same command again "
+                             "instead of repeating it (its wall time and RSS from its measured.json, or from this "
+                             "earlier results.json); marked reused_training in the results")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arms", default="ours,cryodrgn,oracle", help="comma-separated: ours, cryodrgn, oracle")
     parser.add_argument("--poses", default="consensus,truth", help="comma-separated: consensus, truth, perturbed")
@@ -362,13 +395,19 @@ def main() -> int:
     for name, r in results["arms"].items():
         h = r["halves"]
         rss = r.get("peak_rss_MB") or max(h[k].get("peak_rss_MB", float("nan")) for k in h)
+        if any(h[k].get("reused_training") for k in h):
+            name += "*"
         print(f"{name:20s} {h['1']['spearman_pc1']:6.3f} {h['2']['spearman_pc1']:6.3f}    "
               f"{h['1']['s_per_epoch']:7.1f} {h['2']['s_per_epoch']:7.1f}  {rss:7.0f}")
+    if any(x.get("reused_training") for r in results["arms"].values() for x in r["halves"].values()):
+        print("* training of an earlier run judged again (--reuse-cryodrgn): its time and RSS are from that run")
     for name, r in results["arms"].items():
         for key, c in r.get("clusters", {}).items():
             print(f"{name} {key} ({c['n']} particles, mean true angle {c['mean_true_angle_deg']:+.1f} deg): domain FSC "
                   f"to its truth {c['cluster_to_own_truth']:.4f}, to the other end's {c['cluster_to_other_truth']:.4f}; "
-                  f"consensus map to its truth {c['consensus_to_own_truth']:.4f}")
+                  f"consensus map to its truth {c['consensus_to_own_truth']:.4f}; to the consensus resolution "
+                  f"{c['cluster_to_own_truth_to_resolution']:.4f}, {c['cluster_to_other_truth_to_resolution']:.4f}; "
+                  f"{c['consensus_to_own_truth_to_resolution']:.4f}")
     return 0
 
 

@@ -45,13 +45,15 @@ def resolution_to_truth(half1: np.ndarray, half2: np.ndarray, truth_map: np.ndar
     return resolution_at(curve, avg.shape[-1], apix * np.asarray(truth_map).shape[-1] / avg.shape[-1], threshold)
 
 
-def masked_fsc_to_truth(half1, half2, truth_map, mask) -> float:
-    """Mean over the shells up to Nyquist (shell 0 left out) of the FSC between the masked average of
-    two half maps and the masked noise-free map: how close a region of a reconstruction is to the truth."""
+def masked_fsc_to_truth(half1, half2, truth_map, mask, max_shell: int | None = None) -> float:
+    """Mean over the shells up to Nyquist, or up to ``max_shell`` (shell 0 left out), of the FSC between
+    the masked average of two half maps and the masked noise-free map: how close a region of a
+    reconstruction is to the truth. A shell is ``box * apix / resolution`` on every grid of the same
+    physical size, so ``max_shell`` compares maps on different grids over the same band."""
     avg = 0.5 * (torch.as_tensor(np.asarray(half1)) + torch.as_tensor(np.asarray(half2)))
     m = on_grid_of(avg, mask).clamp(0, 1)
     curve = fourier_shell_correlation(avg * m, on_grid_of(avg, truth_map) * m)
-    return float(curve[1:].mean())
+    return float(curve[1:None if max_shell is None else max_shell + 1].mean())
 
 
 def simulation_masks(sim_dir) -> dict[str, torch.Tensor]:
