@@ -22,6 +22,9 @@ working-grid change, and `relion_refine_mpi` (issue 17), in one run.
    (``--iterations auto``) and ``relion_refine_mpi`` local auto-refine (``benchmarks/refine.py``
    ``RELION_OPTIONS``, reference: our start map low-passed to 8 A), each to convergence, same 2 cores:
    seconds per iteration, total, pose error and masked FSC to the noise-free map, peak RSS.
+5. ``--same-start K ...``: the same data; a fresh ``gmmrefine refine`` job, then for each of its iterations
+   K one ``relion_refine_mpi`` iteration from the start our iteration K had, on the grid it worked on
+   (:func:`relion_same_start`): the two programs' cost per iteration at equal work.
 
 Writes ``results.json`` in ``--out`` and prints the tables.
 """
@@ -163,6 +166,78 @@ def relion_comparison(out: Path, n: int, relion_timeout_s: float | None = None, 
     return result
 
 
+def fourier_pad(volume: np.ndarray, box: int) -> np.ndarray:
+    """A map made on a grid cropped to its band, back on the full ``box`` grid (same physical size):
+    its spectrum zero-padded, so the map is the same band-limited function sampled finer."""
+    n = volume.shape[-1]
+    spectrum = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(volume.astype(np.float64))))
+    padded = np.zeros((box,) * 3, dtype=complex)
+    o = box // 2 - n // 2
+    padded[o:o + n, o:o + n, o:o + n] = spectrum
+    return (np.real(np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(padded)))) * (box / n) ** 3).astype(np.float32)
+
+
+def relion_same_start(out: Path, sim: Path, job: Path, iterations: list[int]) -> list[dict]:
+    """One ``relion_refine_mpi`` local auto-refine iteration from the start each of our ``iterations`` k
+    had, on the grid it worked on: the poses after our iteration k-1 (``itNNN/particles.star``; k = 1:
+    the perturbed input), the average of its half maps Fourier-padded to the box as reference,
+    ``--ini_high`` its gold-standard resolution, and ``--incr_size`` chosen so that RELION's image size,
+    ``2 (box apix / ini_high + incr_size)``, is our working box of iteration k; every other option as
+    ``benchmarks/refine.py`` ``RELION_OPTIONS``, 3 MPI ranks on the same cores. RELION's iteration time is
+    from its ``run_it000`` to its ``run_it001`` files (its iteration 0 only reads and reconstructs); it
+    is stopped when ``run_it001`` appears. Rows: our iteration's seconds, RELION's, its image size
+    (``rlnCurrentImageSize`` of ``run_it001``) and the ratio."""
+    import signal
+    import time
+
+    import torch
+    from refine import RELION_OPTIONS
+
+    from gmmrefine.fourier.filters import low_pass
+    from gmmrefine.io.mrc import read_map, write_map
+
+    steps = step_seconds(job)
+    done = json.loads((job / "state.json").read_text())["done"]
+    box = int(read_map(sim / "truth_map.mrc")[0].shape[-1])
+    apix = 1.0
+    rows = []
+    for k in iterations:
+        prev = job / f"it{k - 1:03d}"
+        work_box = int(steps["boxes"][f"it{k:03d}/half1/refine"][0])
+        resolution = float(done[f"it{k - 1:03d}/fsc"]["resolution_A"])
+        incr = max(0, round(work_box / 2 - box * apix / resolution))
+        rdir = out / "relion_same_start" / f"it{k:03d}"
+        shutil.rmtree(rdir, ignore_errors=True)
+        rdir.mkdir(parents=True)
+        avg = 0.5 * sum(read_map(prev / f"half{h}.mrc")[0] for h in (1, 2))
+        ref = fourier_pad(np.asarray(avg), box)
+        write_map(rdir / "ref.mrc", low_pass(torch.as_tensor(ref), resolution, apix).numpy(), apix)
+        options = list(RELION_OPTIONS)
+        options[options.index("--ini_high") + 1] = f"{resolution:.3f}"
+        star = prev / "particles.star" if k > 1 else sim / "particles_perturbed.star"
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3", "relion_refine_mpi", "--i", str(star),
+               "--o", str(rdir / "run"), "--ref", str(rdir / "ref.mrc"), "--particle_diameter", "140.0", *options,
+               "--incr_size", str(incr)]
+        with open(rdir / "log.txt", "w") as log:
+            proc = subprocess.Popen(cmd, cwd=sim, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            first = rdir / "run_it000_half1_model.star"
+            second = rdir / "run_it001_half1_model.star"
+            while proc.poll() is None and not second.is_file():
+                time.sleep(1)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+        if not second.is_file():
+            raise RuntimeError(f"relion_refine_mpi stopped before its first iteration; see {rdir / 'log.txt'}")
+        size = [int(line.split()[1]) for line in second.read_text().splitlines()
+                if line.startswith("_rlnCurrentImageSize")]
+        seconds = second.stat().st_mtime - first.stat().st_mtime
+        ours = steps["iterations_s"][k - 1]
+        rows.append({"iteration": k, "box": work_box, "seconds": ours, "relion_seconds": seconds,
+                     "relion_image_size": size[0] if size else None, "ini_high_A": resolution, "incr_size": incr,
+                     "relion_command": cmd, "ratio": seconds / ours})
+    return rows
+
+
 def same_size_rows(g: dict, rl: dict, tolerance: float = 0.1) -> list[dict]:
     """Each gmmrefine iteration beside RELION's iterations that worked on a grid of about the same size.
 
@@ -197,6 +272,9 @@ def main() -> int:
     parser.add_argument("--relion-n", type=int, default=2000)
     parser.add_argument("--relion-timeout", type=float, default=None,
                         help="seconds after which RELION is stopped and judged by its last finished iteration")
+    parser.add_argument("--same-start", type=int, nargs="+", default=None, metavar="K",
+                        help="also a fresh gmmrefine job at box 256 and, for each of its iterations K, one RELION "
+                             "iteration from the same start on the same grid (relion_same_start)")
     parser.add_argument("--rejudge", action="store_true",
                         help="run nothing: judge the --relion comparison already in --out again (its results.json "
                              "and RELION's folder) and print the tables")
@@ -240,6 +318,21 @@ def main() -> int:
             print(f"{row['iteration']:9d}  {row['box'] or 0:6d}  {row['seconds']:11.0f}  {peer}")
         print("RELION's iterations: image size " + ", ".join(f"{s}" for s in rl.get("image_size_each", []))
               + " px; seconds " + ", ".join(f"{t:.0f}" for t in rl["seconds_per_iteration_each"]))
+    if args.same_start:
+        sim = simulate(out, 256, args.relion_n, "--sym", "O", "--hinge-residues", "122-159", "--hinge-deg", "8",
+                       name=f"sim_O256_{args.relion_n}")
+        job = out / "same_start_gmmrefine"
+        shutil.rmtree(job, ignore_errors=True)
+        run = measured(gm("refine", "--particles", str(sim / "particles_perturbed.star"), "--out", str(job)))
+        rows = relion_same_start(out, sim, job, args.same_start)
+        results["same_start"] = {"gmmrefine": {**run, **step_seconds(job)}, "rows": rows}
+        write_json_atomic(out / "results.json", results)
+        print(f"\nbox 256, {args.relion_n} particles: each iteration against one RELION iteration from the same "
+              "start on the same grid")
+        print("iteration  box px  gmmrefine s  RELION px  RELION s  ratio")
+        for row in rows:
+            print(f"{row['iteration']:9d}  {row['box']:6d}  {row['seconds']:11.0f}  {row['relion_image_size'] or 0:9d}  "
+                  f"{row['relion_seconds']:8.0f}  {row['ratio']:5.1f}x")
     return 0
 
 
