@@ -198,8 +198,8 @@ def relion_same_start(out: Path, sim: Path, job: Path, iterations: list[int]) ->
 
     steps = step_seconds(job)
     done = json.loads((job / "state.json").read_text())["done"]
-    box = int(read_map(sim / "truth_map.mrc")[0].shape[-1])
-    apix = 1.0
+    truth_map, apix = read_map(sim / "truth_map.mrc")
+    box = int(truth_map.shape[-1])
     rows = []
     for k in iterations:
         prev = job / f"it{k - 1:03d}"

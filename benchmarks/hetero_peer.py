@@ -267,13 +267,13 @@ def _finished_training(train: Path, cmd: list[str], args) -> dict | None:
     if (train / "measured.json").is_file():
         run = json.loads((train / "measured.json").read_text())
         return {**run, "reused": True} if run.pop("command") == cmd else None
-    old = json.loads(Path(args.reuse_cryodrgn).read_text())["arms"]
-    half = train.name.removeprefix("train_half")
-    for r in old.values():
-        if r.get("epochs") == args.cryodrgn_epochs and r.get("zdim") == args.zdim and "box" in r:
-            return {"wall_s": r["halves"][half]["wall_s"], "peak_rss_MB": r["halves"][half]["peak_rss_MB"],
-                    "reused": True}
-    return None
+    # the arm of the same pose set ("cryodrgn_consensus" -> "cryodrgn/consensus") and settings
+    r = json.loads(Path(args.reuse_cryodrgn).read_text())["arms"].get(train.parent.name.replace("_", "/", 1))
+    if r is None or r.get("epochs") != args.cryodrgn_epochs or r.get("zdim") != args.zdim \
+            or r.get("box") != args.cryodrgn_box:
+        return None
+    half = r["halves"][train.name.removeprefix("train_half")]
+    return {"wall_s": half["wall_s"], "peak_rss_MB": half["peak_rss_MB"], "reused": True}
 
 
 def cryodrgn(sim: Path, star: Path, out: Path, args) -> dict:

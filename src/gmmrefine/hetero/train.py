@@ -738,8 +738,6 @@ def pc1_posterior(stream: HalfStream, decoder: Decoder, components: tuple[np.nda
 #: Particles of a half within this many standard deviations of its mean PC1 position make its refitted
 #: neutral GMM (:func:`refit_neutral`); about two thirds of them where PC1 is roughly normal.
 CENTRAL_SD = 1.0
-#: Adam steps of a fresh GMM fit in ``refine``, of which the refit takes the warm-start share.
-REFIT_STEPS = 150
 
 
 def refit_neutral(ps, indices: np.ndarray, position: np.ndarray, angles_deg: np.ndarray, shift_A: np.ndarray,
@@ -773,7 +771,7 @@ def refit_neutral(ps, indices: np.ndarray, position: np.ndarray, angles_deg: np.
     from gmmrefine.gmm.build import build_gmm
     from gmmrefine.reconstruct.insert import FourierAccumulator
     from gmmrefine.reconstruct.invert import accumulate_halves, reconstruct_map
-    from gmmrefine.refine.global_refine import WARM_STEP_FRACTION, working_box
+    from gmmrefine.refine.global_refine import WARM_STEP_FRACTION, RefineSettings, working_box
 
     t0 = time.perf_counter()
     position = np.asarray(position, dtype=np.float64)
@@ -785,9 +783,10 @@ def refit_neutral(ps, indices: np.ndarray, position: np.ndarray, angles_deg: np.
                              progress=settings.progress, particles=np.asarray(indices)[central],
                              accs={half: FourierAccumulator(work, device=settings.device)})
     volume = reconstruct_map(accs.pop(half), consume=True).cpu()
-    # The same Gaussians, moved: the decoder is built on them (a fresh fit would change their number).
+    # The same Gaussians, moved, with the steps of refine's warm-started fits: the decoder is built on
+    # them (build_half_gmm would seed afresh where its estimate of their number differs).
     gmm, info = build_gmm(volume, ps.apix * ps.box / work, float(resolution), init=neutral, seed=seed,
-                          steps=max(1, round(REFIT_STEPS * WARM_STEP_FRACTION)), device=settings.device)
+                          steps=max(1, round(RefineSettings.gmm_steps * WARM_STEP_FRACTION)), device=settings.device)
     gmm = gmm.detach().to(device="cpu", dtype=torch.float32)
     return gmm, {"n_particles": int(central.sum()), "resolution_A": float(resolution),
                  "gmm_fsc09_A": info.get("resolution_fsc09_A"), "seconds": time.perf_counter() - t0}
