@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from gmmrefine.cli.main import main as cli_main
+from gmmrefine.fourier.fsc import fourier_shell_correlation
 from gmmrefine.io.mrc import read_map
 from gmmrefine.io.star import read_star
 from gmmrefine.pipeline.evaluate import domain_pose_errors, masked_fsc_to_truth, simulation_masks
@@ -118,11 +119,15 @@ def test_conformation_to_pose_then_focused_beats_focused_alone(conformation_pose
     domain = added / "patches" / "p03"
     assert np.array_equal(read_map(domain / "mask_half1.mrc")[0], read_map(sim / "domain_mask.mrc")[0])
     # The added patch starts at the hetero job's domain poses: its iteration 0 is the hetero job's
-    # reconstruction at them (same weighting; measured to 2e-7 of the peak).
+    # reconstruction at them (same weighting; the pass's half map continues its quarters' Pipe-Menon
+    # iterations, the hetero job's starts from 1).
     for h in (1, 2):
         start = read_map(domain / "it000" / f"half{h}.mrc")[0]
         hetero = read_map(r["hetero"] / f"domain_half{h}.mrc")[0]
-        assert np.abs(start - hetero).max() < 1e-5 * np.abs(hetero).max()
+        fsc = fourier_shell_correlation(torch.as_tensor(start), torch.as_tensor(hetero))
+        print(f"half {h}: start map to hetero map: min FSC {float(fsc[1:].min()):.6f}, max difference "
+              f"{np.abs(start - hetero).max() / np.abs(hetero).max():.2e} of the peak")
+        assert float(fsc[1:].min()) > 0.998  # measured 0.9988 / 0.9997 (sparse: see test_reconstruct.py)
     err_focus = _domain_error_deg(sim, r["focus"] / "final" / "particles.star")
     err_hetero = _domain_error_deg(sim, r["hetero"] / "particles_domain.star")
     err_added = _domain_error_deg(sim, domain / "particles.star")

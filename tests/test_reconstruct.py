@@ -346,3 +346,40 @@ def test_cropped_spectra_reconstruct_the_downsampled_map(truth_and_particles):
     assert abs(float((got * expected).sum() / (expected * expected).sum()) - 1) < 0.02
     assert abs(float(downsample_map(truth, small).mean() / truth.mean()) - 1) < 1e-5  # density per voxel kept
 
+
+
+# measured (min FSC over shells to the map of 10 iterations from 1, relative difference): 300 particles
+# 0.99996, 0.05 %; 40 particles 0.9986, 0.5 %; the 3 iterations from 1 alone 0.963 / 3.0 % and 0.862 / 8.0 %
+@pytest.mark.parametrize("n, min_fsc", [(300, 0.9999), (40, 0.998)])
+def test_half_map_continued_from_its_quarters_weights_equals_ten_iterations_from_one(truth_and_particles, n, min_fsc):
+    """A refinement pass makes the quarter maps with 3 Pipe-Menon iterations and continues the half's
+    iteration from their combined weights for the other 7 (refine/global_refine.py: quarter_maps): the half
+    map must be the one of RELION's 10 iterations from 1, and the quarters' FSC the one of their own maps."""
+    from gmmrefine.reconstruct.invert import pipe_menon_inverse_weights
+    from gmmrefine.refine.global_refine import QUARTER_PM_ITERATIONS, quarter_maps
+
+    _, images, mats, shift_A = truth_and_particles
+    spectra, _ = prepare_spectra(images[:n], shift_A[:n], APIX, None)
+    a, b = FourierAccumulator(BOX), FourierAccumulator(BOX)
+    a.insert(spectra[0::2], mats[:n][0::2])
+    b.insert(spectra[1::2], mats[:n][1::2])
+    calls = []
+    import gmmrefine.reconstruct.invert as invert
+
+    def counted(*args, **kwargs):
+        calls.append((args[3], kwargs.get("start") is not None))
+        return pipe_menon_inverse_weights(*args, **kwargs)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(invert, "pipe_menon_inverse_weights", counted):
+        fsc, start = quarter_maps(a, b)
+        continued = reconstruct_map(a + b, inverse_start=start, preweight_iterations=10 - QUARTER_PM_ITERATIONS)
+    assert calls == [(3, False), (3, False), (7, True)]
+    own = fourier_shell_correlation(*(reconstruct_map(x, preweight_iterations=3) for x in (a, b)))
+    torch.testing.assert_close(fsc, own)
+    cold = reconstruct_map(a + b)
+    assert float(fourier_shell_correlation(continued, cold)[1:].min()) > min_fsc
+    assert float((continued - cold).norm() / cold.norm()) < 0.01
+    three = reconstruct_map(a + b, preweight_iterations=3)
+    assert float((three - cold).norm()) > 10 * float((continued - cold).norm())

@@ -142,3 +142,36 @@ def test_start_grid_grows_only_when_the_estimate_needs_it(runs, tmp_path, monkey
         estimate = json.loads((job / "it000" / f"half{h}_resolution.json").read_text())["resolution_A"]
         assert 2 * APIX * BOX / 64 < estimate < 2 * APIX * BOX / 32 * 1.25, estimate
         assert read_map(job / "it000" / f"half{h}.mrc")[0].shape == (64,) * 3
+
+
+
+def test_a_pass_continues_the_half_maps_iteration_from_its_quarters(tmp_path, adk_open_pdb, monkeypatch):
+    """A pass makes its quarter maps with 3 Pipe-Menon iterations and the half map with 7 more from their
+    weights (quarter_maps), or with all 10 when the half has a grid of its own. The half's estimate from
+    those quarters must be near the gold-standard resolution of the two half maps: measured on these 500
+    particles, 5.83 / 5.88 A against 5.74 A (with 10 quarter iterations: 7.33 / 7.26 A)."""
+    import gmmrefine.reconstruct.invert as invert
+    import gmmrefine.refine.global_refine as G
+    from gmmrefine.fourier.fsc import resolution_at
+    from gmmrefine.io.particles import read_particles
+
+    assert cli_main(["simulate", "--model", str(adk_open_pdb), "--n", "500", "--box", str(BOX), "--apix", str(APIX),
+                     "--snr", "0.2", "--origin-sigma-px", "1", "--seed", "2", "--out", str(tmp_path)]) == 0
+    calls = []
+    original = invert.pipe_menon_inverse_weights
+
+    def counted(*args, **kwargs):
+        calls.append((args[0].shape[0], args[3], kwargs.get("start") is not None))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(invert, "pipe_menon_inverse_weights", counted)
+    ps = read_particles(tmp_path / "particles.star")   # the true poses
+    settings = G.RefineSettings(progress=False)
+    passes = [G.half_pass(ps, h, ps.angles_deg, ps.shift_A, settings) for h in (1, 2)]
+    assert calls == [(2 * BOX, 3, False), (2 * BOX, 3, False), (2 * BOX, 7, True)] * 2
+    gold = resolution_at(fourier_shell_correlation(passes[0].half_map, passes[1].half_map), BOX, APIX)
+    for p in passes:
+        assert abs(p.resolution_A / gold - 1) < 0.06, (p.resolution_A, gold)
+    calls.clear()
+    G.half_pass(ps, 1, ps.angles_deg, ps.shift_A, settings, work_box=60, map_box=BOX, fsc_box=60)
+    assert calls == [(120, 3, False), (120, 3, False), (2 * BOX, 10, False)]

@@ -138,12 +138,14 @@ def _validate_volume(volume: torch.Tensor, name: str = "map") -> None:
 
 
 def seed_kmeans(volume: torch.Tensor, apix: float, n: int, *, threshold: float | None = None,
-                mask: torch.Tensor | None = None, seed: int = 0) -> np.ndarray:
+                mask: torch.Tensor | None = None, seed: int = 0, init: str = "k-means++") -> np.ndarray:
     """Density-weighted k-means of the voxels above ``threshold`` (inside ``mask`` > 0.5).
 
     Args:
         volume: ``(D, D, D)`` map.
         threshold: density threshold (default: mean + 1.5 std of the map, or of the masked voxels).
+        init: scikit-learn's ``KMeans`` start: ``"k-means++"`` (greedy, one step per centre) or
+            ``"random"`` (voxels drawn with probability proportional to their weight).
 
     Returns:
         ``(n, 3)`` float64 centres, x, y, z in angstrom from the box centre.
@@ -164,7 +166,7 @@ def seed_kmeans(volume: torch.Tensor, apix: float, n: int, *, threshold: float |
     box = vol.shape[0]
     xyz = (zyx.flip(-1) - box // 2) * apix
     weight = (vol[pick] - threshold).numpy()
-    km = KMeans(n_clusters=n, n_init=1, max_iter=50, random_state=seed, tol=1e-3)
+    km = KMeans(n_clusters=n, init=init, n_init=1, max_iter=50, random_state=seed, tol=1e-3)
     km.fit(xyz.numpy(), sample_weight=weight)
     return km.cluster_centers_
 
@@ -292,7 +294,7 @@ def crop_centred(volume: torch.Tensor, size: int) -> torch.Tensor:
 
 def build_gmm(volume, apix: float, resolution_A: float, *, n: int | None = None, model_atoms=None,
               mask=None, init: GaussianMixture | None = None, seed: int = 0, threshold: float | None = None,
-              steps: int = 100, device=None) -> tuple[GaussianMixture, dict]:
+              steps: int = 100, device=None, kmeans_init: str = "k-means++") -> tuple[GaussianMixture, dict]:
     """Fit a GMM to a map up to ``resolution_A``.
 
     Args:
@@ -307,6 +309,7 @@ def build_gmm(volume, apix: float, resolution_A: float, *, n: int | None = None,
         seed: random seed (k-means and atom randomisation).
         threshold: seeding threshold (default mean + 1.5 std).
         steps: Adam steps.
+        kmeans_init: start of the k-means seeding (:func:`seed_kmeans`'s ``init``).
 
     Returns:
         ``(gmm, info)``; info has ``n``, ``seeding``, ``fit_box`` (the edge of the centred cube the fit
@@ -367,7 +370,8 @@ def build_gmm(volume, apix: float, resolution_A: float, *, n: int | None = None,
             seed_mask = mask_t    # too few voxels near the molecule for the Gaussians asked for
 
         def seeds(count: int) -> np.ndarray:
-            return seed_kmeans(vol, apix, count, threshold=seed_threshold, mask=seed_mask, seed=seed)
+            return seed_kmeans(vol, apix, count, threshold=seed_threshold, mask=seed_mask, seed=seed,
+                               init=kmeans_init)
 
         if n is None:
             n_voxels = count_seed_voxels(vol, threshold=seed_threshold, mask=seed_mask)

@@ -213,7 +213,7 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     Fourier-cropped to ``work_box`` (:func:`gmmrefine.fourier.fft.crop_projection_spectra`) before CTFs,
     comparison and insertion, and the half is reconstructed on that smaller grid (pixel size
     ``apix * box / work_box``), or on ``map_box`` when a bigger map is wanted. The quarter maps (the
-    half's own resolution estimate, :func:`quarter_map_fsc`) are made on the same grid, or, with a
+    half's own resolution estimate, :func:`quarter_maps`) are made on the same grid, or, with a
     ``fsc_box`` smaller than ``map_box``, on their own small grids beside one full-size half
     accumulator, so that a full-size pass holds one full-size grid pair, not two.
 
@@ -267,6 +267,7 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     from gmmrefine.io.particles import read_images
     from gmmrefine.reconstruct.insert import FourierAccumulator
     from gmmrefine.reconstruct.invert import (
+        PIPE_MENON_ITERATIONS,
         _ctf_of,
         accumulate_images,
         grid_device,
@@ -422,12 +423,17 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
                 stale.unlink(missing_ok=True)
     if not ctx.is_main:
         return None
-    quarter = quarter_map_fsc(accs[1], accs[2], symmetry=symmetry) if quarters else None
-    whole = accs.pop(0) if 0 in accs else accs[1].add_(accs.pop(2))
+    quarter, start = quarter_maps(accs[1], accs[2], symmetry=symmetry) if quarters else (None, None)
+    if 0 in accs:  # the half on its own grid: its own iteration, from 1
+        whole, start = accs.pop(0), None
+    else:
+        whole = accs[1].add_(accs.pop(2))
     accs.clear()
     release_free_memory()
-    half_map = reconstruct_map(whole, consume=True, symmetry=symmetry).cpu()
-    del whole
+    done_iterations = QUARTER_PM_ITERATIONS if start is not None else 0
+    half_map = reconstruct_map(whole, consume=True, symmetry=symmetry, inverse_start=start,
+                               preweight_iterations=PIPE_MENON_ITERATIONS - done_iterations).cpu()
+    del whole, start
     release_free_memory()
     return HalfPass(indices=indices, angles_deg=new_angles, shift_A=new_shift, frc_start=frc_start,
                     frc_end=frc_end, half_map=half_map, quarter_fsc=quarter, seconds=time.perf_counter() - t_start,
@@ -699,31 +705,69 @@ def _resume(path: Path | None, accs: dict, arrays: tuple, lo: int, hi: int, devi
     return step
 
 
-def quarter_map_fsc(a, b, *, symmetry: torch.Tensor | None = None) -> torch.Tensor:
-    """FSC between the maps of two accumulators (a half set's even and odd particles).
+#: Pipe-Menon iterations of the quarter maps (RELION's 10 for every other map). The corrected quarter
+#: FSC estimates the gold-standard FSC of two half maps (made with 10 iterations, at the same poses).
+#: Measured, half 1 / half 2 estimate against that gold standard (A):
+#:
+#: =================================================  ===========  ===========  =====
+#: set (per half; iteration, grid)                    10           3            gold
+#: =================================================  ===========  ===========  =====
+#: box-256 O assembly, 1,000 (it. 1, 120 px)          4.33 / 4.31  4.28 / 4.27  4.29
+#: same, iteration 3 (180 px)                         4.02 / 4.03  3.93 / 3.97  3.93
+#: adk, +/-15 deg hinge, 1,000 (it. 1, 90 px)         3.52 / 3.53  3.50 / 3.51  3.47
+#: same, iteration 3 (120 px)                         3.47 / 3.47  3.43 / 3.46  3.43
+#: adk, 1,000 (it. 3, 120 px)                         3.21 / 3.17  3.20 / 3.15  3.11
+#: adk, box 96, 2 A/px, SNR 0.2, true poses, 500      4.25 / 4.28  4.04 / 4.02  4.06
+#: same, 250                                          7.33 / 7.26  5.83 / 5.88  5.71
+#: same, 120                                          10.9 / 9.85  7.86 / 8.19  9.21
+#: =================================================  ===========  ===========  =====
+#:
+#: 10 iterations came out coarser than the gold standard on every set, by 5-28 % from 250 particles per
+#: half down; 3 were within 2 % from 250 up, and 11-15 % finer at 120 per half (where 10 were 7-18 %
+#: coarser). 1 iteration: 4.22 / 4.25 A against 5.71 at 250 per half; 0 (plain division) moved a box-64
+#: estimate from 8.5 to 10.0 A against a gold 7.9 A.
+QUARTER_PM_ITERATIONS = 3
 
-    The maps are made as the half maps are (Pipe-Menon weights): plain division is ~10x faster but,
-    measured on 200 simulated adk particles (box 64, SNR 0.1), moved the corrected estimate from 8.5 to
-    10.0 A (the gold-standard FSC of the two halves gave 7.9 A), and the numerator grids' own FSC on the
-    padded grid gave 10.1 A: cropping the padded map in real space averages neighbouring Fourier voxels,
-    which those estimates miss. Sharing the half's weights between the quarters (one inversion instead of
-    three) moved it by up to 3 % on 100-1,000 noisy particles and dropped the FSC of noise-free
-    sparse data by up to 0.23, so each quarter keeps its own; their grids are the working grid, a small
-    fraction of the box's at large boxes. Fewer Pipe-Menon iterations change the estimate too: on the box-256
-    benchmark's last iteration (1,000 particles per half, working grid 180 px) 10 / 5 / 3 / 1 iterations gave
-    4.03 / 3.93 / 3.92 / 3.91 A in half 1 (4.03 / 3.98 / 3.95 A in half 2), so the quarters keep RELION's 10.
+
+def quarter_maps(a, b, *, symmetry: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FSC between the maps of two accumulators (a half set's even and odd particles), and where the
+    half map's Pipe-Menon iteration can go on from.
+
+    The maps are made as the half maps are (Pipe-Menon weights), with :data:`QUARTER_PM_ITERATIONS`
+    iterations: plain division is ~10x faster but, measured on 200 simulated adk particles (box 64, SNR
+    0.1), moved the corrected estimate from 8.5 to 10.0 A (the gold-standard FSC of the two halves gave
+    7.9 A), and the numerator grids' own FSC on the padded grid gave 10.1 A: cropping the padded map in
+    real space averages neighbouring Fourier voxels, which those estimates miss. Sharing the half's
+    weights between the quarters (one inversion instead of three) moved it by up to 3 % on 100-1,000
+    noisy particles and dropped the FSC of noise-free sparse data by up to 0.23, so each quarter keeps
+    its own.
+
+    The half's density is the sum of the quarters', so the quarters' inverse weights combined
+    (:func:`gmmrefine.reconstruct.invert.combined_inverse_weights`) are where the half's own iteration
+    from 1 stands after as many steps: continued for the rest of RELION's 10, the half map matched the
+    one of 10 iterations from 1 to FSC >= 0.9999 at every shell on the five sets of
+    :data:`QUARTER_PM_ITERATIONS` (FSC to the noise-free map equal to 5 digits), for 13 transforms of the
+    grid pair instead of 30 (5.6 of the 11.4 s of a half's pass at 180 px, box 256, 2 cores).
 
     Args:
         a, b: :class:`~gmmrefine.reconstruct.insert.FourierAccumulator` (not modified).
         symmetry: ``(K, 3, 3)`` operators imposed on both maps, or None.
 
     Returns:
-        ``(d//2+1,)`` float64 FSC per shell of the accumulators' box ``d``.
+        ``(fsc, inverse_start)``: ``(d//2+1,)`` float64 FSC per shell of the accumulators' box ``d``, and the
+        ``inverse_start`` of :func:`gmmrefine.reconstruct.invert.reconstruct_map` for the map of ``a + b``
+        (with ``PIPE_MENON_ITERATIONS - QUARTER_PM_ITERATIONS`` iterations).
     """
-    from gmmrefine.reconstruct.invert import reconstruct_map
+    from gmmrefine.reconstruct.invert import combined_inverse_weights, reconstruct_map
 
-    maps = [reconstruct_map(acc, symmetry=symmetry).cpu() for acc in (a, b)]
-    return fourier_shell_correlation(maps[0], maps[1])
+    maps: list[torch.Tensor] = []
+    inverse: list[torch.Tensor] = []   # one real grid of weights alive beside the second quarter's inversion
+    for acc in (a, b):
+        maps.append(reconstruct_map(acc, symmetry=symmetry, preweight_iterations=QUARTER_PM_ITERATIONS,
+                                    inverse_out=inverse).cpu())
+        if len(inverse) == 2:
+            inverse = [combined_inverse_weights(*inverse)]
+    return fourier_shell_correlation(maps[0], maps[1]), inverse[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -740,6 +784,15 @@ def quarter_map_fsc(a, b, *, symmetry: torch.Tensor | None = None) -> torch.Tens
 #: pass (from 0.583 deg); at iteration 1 (1,509 Gaussians at 7.2 A) 0.5854 / 0.5814 deg.
 WARM_STEP_FRACTION = 1 / 3
 
+#: k-means start of a refit (the band asked for more than 25 % more or fewer Gaussians than the previous
+#: GMM has): weighted random voxels instead of the greedy k-means++, whose one step per centre dominated
+#: the refit at thousands of Gaussians. Measured on the box-256 benchmark's iteration-2 refit (half 1,
+#: 1,509 -> 6,888 Gaussians at 4.29 A, 35,244 voxels, 50 Adam steps, 2 cores): k-means 6.7 -> 2.7 s,
+#: the refit 15.3 -> 10.8 s, the FSC to the map over the band 0.759 -> 0.754 (k-means++ with one trial
+#: per centre: 4.6 s, 0.757). Stop 27 measured 0.3576 deg of pose error after a pass either way. The
+#: first fit of a run keeps k-means++: it takes all of ``--gmm-steps`` and sets the start of the rest.
+REFIT_KMEANS_INIT = "random"
+
 
 def build_half_gmm(volume: torch.Tensor, apix: float, resolution_A: float, *, init: GaussianMixture | None,
                    seed: int, steps: int = 150, device: str = "cpu",
@@ -750,8 +803,9 @@ def build_half_gmm(volume: torch.Tensor, apix: float, resolution_A: float, *, in
     :data:`gmmrefine.gmm.build.REFERENCE_SPACING_FRACTION`): as the band widens the reference needs more
     Gaussians (at 3 A, 350 Gaussians fitted at 4.3 A aligned worse than 1,000: see gmm/build.py), so
     ``init`` is only a warm start while its N is within 25 % of the target; otherwise the GMM is seeded
-    afresh from the map. Every fit after the first (``init`` given, warm or refit) takes a third of
-    ``steps`` (:data:`WARM_STEP_FRACTION`); only the first fit of a run takes them all.
+    afresh from the map (k-means from :data:`REFIT_KMEANS_INIT`). Every fit after the first (``init``
+    given, warm or refit) takes a third of ``steps`` (:data:`WARM_STEP_FRACTION`); only the first fit of
+    a run takes them all.
     ``builder`` defaults to :func:`gmmrefine.gmm.build.build_gmm` and is called as it is.
 
     Returns:
@@ -764,12 +818,13 @@ def build_half_gmm(volume: torch.Tensor, apix: float, resolution_A: float, *, in
 
         builder = build_gmm
     target_n = estimate_n(volume, apix, resolution_A, spacing_fraction=REFERENCE_SPACING_FRACTION)
+    kmeans_init = "k-means++"
     if init is not None:
         steps = max(1, round(steps * WARM_STEP_FRACTION))
     if init is not None and abs(init.n - target_n) > 0.25 * target_n:
-        init = None
+        init, kmeans_init = None, REFIT_KMEANS_INIT
     gmm, info = builder(volume, apix, resolution_A, n=None if init is not None else target_n, init=init, seed=seed,
-                        steps=steps, device=device)
+                        steps=steps, device=device, kmeans_init=kmeans_init)
     return gmm.detach().to(device="cpu", dtype=torch.float32), info
 
 
