@@ -146,12 +146,22 @@ def test_noisy_map_in_a_large_box_seeds_near_the_molecule_and_fits_in_a_cropped_
     assert truth_cropped >= truth_whole - 0.01
 
 
-def test_every_half_gmm_after_the_first_takes_a_third_of_the_steps(adk_open_pdb):
+def test_every_half_gmm_after_the_first_takes_a_third_of_the_steps(adk_open_pdb, monkeypatch):
     """refine's first fit takes every step; a warm start and a refit after N grew take a third
-    (``WARM_STEP_FRACTION``), the refit seeded afresh by k-means at the band's N."""
+    (``WARM_STEP_FRACTION``), the refit seeded afresh by k-means at the band's N, from weighted random
+    voxels (``REFIT_KMEANS_INIT``) where the first fit starts k-means++."""
+    import gmmrefine.gmm.build as build
     from gmmrefine.gmm.build import REFERENCE_SPACING_FRACTION, estimate_n
     from gmmrefine.refine.global_refine import build_half_gmm
 
+    starts = []
+    original = build.seed_kmeans
+
+    def counted(*args, **kwargs):
+        starts.append(kwargs["init"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(build, "seed_kmeans", counted)
     vol, _ = _adk_map(adk_open_pdb, 48, 2.0, 6.0)
     target = estimate_n(vol, 2.0, 6.0, spacing_fraction=REFERENCE_SPACING_FRACTION)
     first, info = build_half_gmm(vol, 2.0, 6.0, init=None, seed=0, steps=9)
@@ -161,3 +171,34 @@ def test_every_half_gmm_after_the_first_takes_a_third_of_the_steps(adk_open_pdb)
     few = GaussianMixture(first.centers_A[: target // 2], first.amplitudes[: target // 2], first.widths_A[: target // 2])
     refit, info = build_half_gmm(vol, 2.0, 6.0, init=few, seed=0, steps=9)
     assert (info["steps"], info["seeding"], refit.n) == (3, "k-means", target)
+    assert starts == ["k-means++", "random"]
+
+
+def test_plane_groups_compute_the_transform_the_whole_band_gives_inside_the_sphere(monkeypatch):
+    """The GMM's 3D transform is computed per group of kz planes on the 2D band each group needs; inside
+    the sphere it must equal the transform of every plane on the whole band (PLANE_GROUPS = 1), and the
+    loss and its gradients with it."""
+    import gmmrefine.gmm.build as build
+
+    g = torch.Generator().manual_seed(3)
+    n, box, apix, maxres = 300, 40, 1.5, 3.4
+    centers = ((torch.rand(n, 3, generator=g) - 0.5) * 30).requires_grad_(True)
+    amps = (0.5 + torch.rand(n, generator=g)).requires_grad_(True)
+    widths = (1.0 + torch.rand(n, generator=g)).requires_grad_(True)
+    results = []
+    for groups in (build.PLANE_GROUPS, 1):
+        monkeypatch.setattr(build, "PLANE_GROUPS", groups)
+        samples = build.fourier_samples_3d(box, apix, maxres)
+        spec = build.gmm_spectrum_3d(centers, amps, widths, samples)
+        loss = (spec.abs() ** 2 * samples.inside).sum()
+        grads = torch.autograd.grad(loss, (centers, amps, widths))
+        pixels = sum(sub.n_pixels * kz.shape[0] for kz, sub, _ in samples.groups if sub is not None)
+        results.append((spec.detach(), loss.detach(), grads, pixels, len(samples.groups)))
+    (spec, loss, grads, pixels, count), (spec1, loss1, grads1, pixels1, count1) = results
+    assert (count, count1) == (8, 1) and spec.shape == spec1.shape
+    inside = samples.inside
+    torch.testing.assert_close(spec[inside], spec1[inside], rtol=1e-5, atol=1e-5 * float(spec1.abs().max()))
+    torch.testing.assert_close(loss, loss1, rtol=1e-5, atol=0)
+    for a, b in zip(grads, grads1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    assert pixels < 0.8 * pixels1   # the work: 2D pixels computed over all non-negative kz planes

@@ -74,6 +74,13 @@ VOLUME_LOWPASS_A = 8.0
 _FIT_EXTRA_SHELLS = 0.5
 
 
+#: Groups of kz planes the 3D transform is computed in (:func:`fourier_samples_3d`), each on the 2D band
+#: its nearest plane to kz = 0 needs: the plane ``kz`` of the sphere ``|k| <= K`` is a disc of radius
+#: ``sqrt(K^2 - kz^2)``, so equal ranges of ``|kz|`` in 8 groups compute 73 % of the pixels of the
+#: full disc in every plane (the pixels dropped have zero weight in the fit: the same loss).
+PLANE_GROUPS = 8
+
+
 @dataclass(frozen=True)
 class FourierSamples3D:
     """Frequencies of a cubic map's ``rfft3_centered`` transform inside a sphere, organised in kz
@@ -85,6 +92,9 @@ class FourierSamples3D:
         inside: ``(2K+1, P)`` bool, ``|k| <= 1/maxres`` in 3D.
         flat_index: ``(2K+1, P)`` flat index into the ``(D, D, D//2+1)`` spectrum.
         shell: ``(2K+1, P)`` integer shell ``round(|k| D)``.
+        groups: ``(kz (n,) ascending |kz| >= 0, sub-band, columns (P_g,) of the sub-band's pixels in
+            ``band``)`` per group of planes (:data:`PLANE_GROUPS`): the sub-band holds every pixel of
+            those planes that is ``inside`` (None: none is).
     """
 
     band: FourierBand
@@ -92,6 +102,7 @@ class FourierSamples3D:
     inside: torch.Tensor
     flat_index: torch.Tensor
     shell: torch.Tensor
+    groups: tuple[tuple[torch.Tensor, FourierBand | None, torch.Tensor], ...]
 
 
 def fourier_samples_3d(box: int, apix: float, maxres_A: float, *, device=None) -> FourierSamples3D:
@@ -101,33 +112,62 @@ def fourier_samples_3d(box: int, apix: float, maxres_A: float, *, device=None) -
     ny, nx = band.ny, band.nx
     r2 = (nx * nx + ny * ny)[None] + (kz * kz)[:, None]
     rad = torch.sqrt(r2.double())
-    inside = rad <= box * apix / maxres_A + 1e-9
+    radius_px = box * apix / maxres_A + 1e-9
+    inside = rad <= radius_px
     d = box
     flat = ((kz[:, None] % d) * d + (ny[None] % d)) * (d // 2 + 1) + nx[None]
-    return FourierSamples3D(band, kz, inside, flat, torch.round(rad).long())
+    groups = []
+    edges = np.unique(np.linspace(0, k + 1, min(PLANE_GROUPS, k + 1) + 1).round().astype(int))
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        disc_px = math.sqrt(max(radius_px**2 - lo**2, 0.0)) + 1e-6
+        if disc_px < 1:
+            sub = None  # only kx = ky = 0 inside, which the 2D band leaves out
+        elif lo == 0 or disc_px >= band.k_max:
+            sub = band
+        else:
+            sub = fourier_band(box, apix, math.inf, box * apix / disc_px, device=device)
+        columns = torch.searchsorted(band.pixel_index, sub.pixel_index) if sub is not None else band.pixel_index[:0]
+        groups.append((torch.arange(lo, hi, device=device), sub, columns))
+    return FourierSamples3D(band, kz, inside, flat, torch.round(rad).long(), tuple(groups))
 
 
 def gmm_spectrum_3d(centers_A: torch.Tensor, amplitudes: torch.Tensor, widths_A: torch.Tensor,
                     samples: FourierSamples3D) -> torch.Tensor:
     """The GMM's 3D transform (``rfft3_centered`` normalisation) at the sample frequencies.
 
+    Each group of planes is computed on its own sub-band (:attr:`FourierSamples3D.groups`); the pixels
+    of a plane beyond its group's sub-band (all outside the sphere) are 0.
+
     Returns:
         ``(2K+1, P)`` complex; differentiable in all parameters.
     """
     band = samples.band
-    k = band.k_max
-    fz = torch.arange(0, k + 1, device=centers_A.device, dtype=centers_A.dtype) / (band.box * band.apix)
-    env = torch.exp(-2 * math.pi**2 * widths_A[None] ** 2 * fz[:, None] ** 2)        # (K+1, N)
-    phase = 2 * math.pi * fz[:, None] * centers_A[None, :, 2]
-    amp = amplitudes[None] * env
-    batch_amp = torch.cat([amp * torch.cos(phase), amp * torch.sin(phase)])         # (2K+2, N)
-    re, im = project_positions(centers_A[None, :, :2], batch_amp, widths_A, band)
-    pc_re, ps_re = re[: k + 1], re[k + 1:]
-    pc_im, ps_im = im[: k + 1], im[k + 1:]
-    # exp(-2 pi i kz z) = cos - i sin: F(+kz) = Pc - i Ps, F(-kz) = Pc + i Ps.
-    plus = torch.complex(pc_re + ps_im, pc_im - ps_re)
-    minus = torch.complex(pc_re - ps_im, pc_im + ps_re)[1:]
-    return torch.cat([plus, minus])
+    plus_parts, minus_parts = [], []
+    for kz, sub, columns in samples.groups:
+        n = kz.shape[0]
+        if sub is None:
+            zeros = torch.zeros(n, band.n_pixels, dtype=torch.complex64 if centers_A.dtype == torch.float32
+                                else torch.complex128, device=centers_A.device)
+            plus_parts.append(zeros)
+            minus_parts.append(zeros[kz > 0])
+            continue
+        fz = kz.to(centers_A.dtype) / (band.box * band.apix)
+        env = torch.exp(-2 * math.pi**2 * widths_A[None] ** 2 * fz[:, None] ** 2)        # (n, N)
+        phase = 2 * math.pi * fz[:, None] * centers_A[None, :, 2]
+        amp = amplitudes[None] * env
+        batch_amp = torch.cat([amp * torch.cos(phase), amp * torch.sin(phase)])         # (2n, N)
+        re, im = project_positions(centers_A[None, :, :2], batch_amp, widths_A, sub)
+        pc_re, ps_re = re[:n], re[n:]
+        pc_im, ps_im = im[:n], im[n:]
+        # exp(-2 pi i kz z) = cos - i sin: F(+kz) = Pc - i Ps, F(-kz) = Pc + i Ps.
+        plus = torch.complex(pc_re + ps_im, pc_im - ps_re)
+        minus = torch.complex(pc_re - ps_im, pc_im + ps_re)[kz > 0]
+        if sub is not band:
+            plus = plus.new_zeros(plus.shape[0], band.n_pixels).index_copy(1, columns, plus)
+            minus = minus.new_zeros(minus.shape[0], band.n_pixels).index_copy(1, columns, minus)
+        plus_parts.append(plus)
+        minus_parts.append(minus)
+    return torch.cat(plus_parts + minus_parts)
 
 
 def _validate_volume(volume: torch.Tensor, name: str = "map") -> None:
