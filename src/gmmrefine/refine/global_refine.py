@@ -329,7 +329,9 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
     n_steps = distributed.max_blocks(n, block)
     # Grids alive at once: two quarter grids at fsc_box (unless quarters=False) and, when it is smaller
     # or there are no quarters, one at map_box; each is inverted alone
-    # (:func:`gmmrefine.reconstruct.invert.map_bytes`). Several processes sum them by all-reduce on the
+    # (:func:`gmmrefine.reconstruct.invert.map_bytes`), the first quarter's inverse weights (4 of the 50
+    # bytes per voxel the two quarters are planned at) kept while the second is made for the half map
+    # (:func:`quarter_maps`). Several processes sum them by all-reduce on the
     # device (NCCL takes GPU tensors only), so they stay there.
     boxes = ([fsc_box, fsc_box] if quarters else []) + ([map_box] if fsc_box < map_box or not quarters else [])
     grids = device if ctx.active else grid_device(device, boxes)
@@ -722,10 +724,10 @@ def _resume(path: Path | None, accs: dict, arrays: tuple, lo: int, hi: int, devi
 #: same, 120                                          10.9 / 9.85  7.86 / 8.19  9.21
 #: =================================================  ===========  ===========  =====
 #:
-#: 10 iterations came out coarser than the gold standard on every set, by 5-28 % from 250 particles per
-#: half down; 3 were within 2 % from 250 up, and 11-15 % finer at 120 per half (where 10 were 7-18 %
-#: coarser). 1 iteration: 4.22 / 4.25 A against 5.71 at 250 per half; 0 (plain division) moved a box-64
-#: estimate from 8.5 to 10.0 A against a gold 7.9 A.
+#: 10 iterations came out coarser than the gold standard on every set: by 1-3 % at 1,000 particles per
+#: half, 5 % at 500, 27-28 % at 250. 3 were within 3 % from 250 per half up; at 120 per half they were
+#: 11-15 % finer, where 10 were 7-18 % coarser. 1 iteration: 4.22 / 4.25 A against 5.71 A at 250 per
+#: half; 0 (plain division) moved a box-64 estimate from 8.5 to 10.0 A against a gold 7.9 A.
 QUARTER_PM_ITERATIONS = 3
 
 
@@ -745,9 +747,10 @@ def quarter_maps(a, b, *, symmetry: torch.Tensor | None = None) -> tuple[torch.T
     The half's density is the sum of the quarters', so the quarters' inverse weights combined
     (:func:`gmmrefine.reconstruct.invert.combined_inverse_weights`) are where the half's own iteration
     from 1 stands after as many steps: continued for the rest of RELION's 10, the half map matched the
-    one of 10 iterations from 1 to FSC >= 0.9999 at every shell on the five sets of
-    :data:`QUARTER_PM_ITERATIONS` (FSC to the noise-free map equal to 5 digits), for 13 transforms of the
-    grid pair instead of 30 (5.6 of the 11.4 s of a half's pass at 180 px, box 256, 2 cores).
+    one of 10 iterations from 1 to FSC >= 0.9999 at every shell on the first five sets of
+    :data:`QUARTER_PM_ITERATIONS` (FSC to the noise-free map equal to 5 digits), and to >= 0.998 on
+    20-150 noise-free particles of box 40 (tests/test_reconstruct.py), for 13 transforms of the grid
+    pair instead of 30 (a half's maps at 180 px, box 256, 2 cores: 11.4 -> 5.8 s).
 
     Args:
         a, b: :class:`~gmmrefine.reconstruct.insert.FourierAccumulator` (not modified).
