@@ -174,10 +174,11 @@ def test_every_half_gmm_after_the_first_takes_a_third_of_the_steps(adk_open_pdb,
     assert starts == ["k-means++", "random"]
 
 
+@pytest.mark.usefixtures("kernels")
 def test_plane_groups_compute_the_transform_the_whole_band_gives_inside_the_sphere(monkeypatch):
     """The GMM's 3D transform is computed per group of kz planes on the 2D band each group needs; inside
     the sphere it must equal the transform of every plane on the whole band (PLANE_GROUPS = 1), and the
-    loss and its gradients with it."""
+    loss and its gradients with it (on both CPU paths: the compiled kernels and the torch code CUDA runs)."""
     import gmmrefine.gmm.build as build
 
     g = torch.Generator().manual_seed(3)
