@@ -175,14 +175,16 @@ def test_every_half_gmm_after_the_first_takes_a_third_of_the_steps(adk_open_pdb,
 
 
 @pytest.mark.usefixtures("kernels")
-def test_plane_groups_compute_the_transform_the_whole_band_gives_inside_the_sphere(monkeypatch):
+# (20, 1.0, 2.5): K = 8 exactly, so the last group's planes hold no pixel inside the sphere (no sub-band)
+@pytest.mark.parametrize("box, apix, maxres", [(40, 1.5, 3.4), (20, 1.0, 2.5)])
+def test_plane_groups_compute_the_transform_the_whole_band_gives_inside_the_sphere(monkeypatch, box, apix, maxres):
     """The GMM's 3D transform is computed per group of kz planes on the 2D band each group needs; inside
     the sphere it must equal the transform of every plane on the whole band (PLANE_GROUPS = 1), and the
     loss and its gradients with it (on both CPU paths: the compiled kernels and the torch code CUDA runs)."""
     import gmmrefine.gmm.build as build
 
     g = torch.Generator().manual_seed(3)
-    n, box, apix, maxres = 300, 40, 1.5, 3.4
+    n = 300
     centers = ((torch.rand(n, 3, generator=g) - 0.5) * 30).requires_grad_(True)
     amps = (0.5 + torch.rand(n, generator=g)).requires_grad_(True)
     widths = (1.0 + torch.rand(n, generator=g)).requires_grad_(True)

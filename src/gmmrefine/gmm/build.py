@@ -146,8 +146,7 @@ def gmm_spectrum_3d(centers_A: torch.Tensor, amplitudes: torch.Tensor, widths_A:
     for kz, sub, columns in samples.groups:
         n = kz.shape[0]
         if sub is None:
-            zeros = torch.zeros(n, band.n_pixels, dtype=torch.complex64 if centers_A.dtype == torch.float32
-                                else torch.complex128, device=centers_A.device)
+            zeros = torch.complex(*(centers_A.new_zeros(n, band.n_pixels),) * 2)   # complex of the model's dtype
             plus_parts.append(zeros)
             minus_parts.append(zeros[kz > 0])
             continue

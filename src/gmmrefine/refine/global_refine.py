@@ -425,11 +425,10 @@ def half_pass(ps, half: int, angles_deg: np.ndarray, shift_A: np.ndarray, settin
                 stale.unlink(missing_ok=True)
     if not ctx.is_main:
         return None
-    quarter, start = quarter_maps(accs[1], accs[2], symmetry=symmetry) if quarters else (None, None)
-    if 0 in accs:  # the half on its own grid: its own iteration, from 1
-        whole, start = accs.pop(0), None
-    else:
-        whole = accs[1].add_(accs.pop(2))
+    # A half on its own grid (accs[0]) makes its own iteration, from 1; otherwise it continues the quarters'.
+    quarter, start = (quarter_maps(accs[1], accs[2], symmetry=symmetry, for_half=0 not in accs) if quarters
+                      else (None, None))
+    whole = accs.pop(0) if 0 in accs else accs[1].add_(accs.pop(2))
     accs.clear()
     release_free_memory()
     done_iterations = QUARTER_PM_ITERATIONS if start is not None else 0
@@ -731,7 +730,8 @@ def _resume(path: Path | None, accs: dict, arrays: tuple, lo: int, hi: int, devi
 QUARTER_PM_ITERATIONS = 3
 
 
-def quarter_maps(a, b, *, symmetry: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quarter_maps(a, b, *, symmetry: torch.Tensor | None = None, for_half: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FSC between the maps of two accumulators (a half set's even and odd particles), and where the
     half map's Pipe-Menon iteration can go on from.
 
@@ -755,11 +755,12 @@ def quarter_maps(a, b, *, symmetry: torch.Tensor | None = None) -> tuple[torch.T
     Args:
         a, b: :class:`~gmmrefine.reconstruct.insert.FourierAccumulator` (not modified).
         symmetry: ``(K, 3, 3)`` operators imposed on both maps, or None.
+        for_half: keep the weights for the map of ``a + b`` (False: that map is made on another grid).
 
     Returns:
         ``(fsc, inverse_start)``: ``(d//2+1,)`` float64 FSC per shell of the accumulators' box ``d``, and the
         ``inverse_start`` of :func:`gmmrefine.reconstruct.invert.reconstruct_map` for the map of ``a + b``
-        (with ``PIPE_MENON_ITERATIONS - QUARTER_PM_ITERATIONS`` iterations).
+        (with ``PIPE_MENON_ITERATIONS - QUARTER_PM_ITERATIONS`` iterations; None without ``for_half``).
     """
     from gmmrefine.reconstruct.invert import combined_inverse_weights, reconstruct_map
 
@@ -767,10 +768,10 @@ def quarter_maps(a, b, *, symmetry: torch.Tensor | None = None) -> tuple[torch.T
     inverse: list[torch.Tensor] = []   # one real grid of weights alive beside the second quarter's inversion
     for acc in (a, b):
         maps.append(reconstruct_map(acc, symmetry=symmetry, preweight_iterations=QUARTER_PM_ITERATIONS,
-                                    inverse_out=inverse).cpu())
+                                    inverse_out=inverse if for_half else None).cpu())
         if len(inverse) == 2:
             inverse = [combined_inverse_weights(*inverse)]
-    return fourier_shell_correlation(maps[0], maps[1]), inverse[0]
+    return fourier_shell_correlation(maps[0], maps[1]), inverse[0] if inverse else None
 
 
 # ------------------------------------------------------------------------------------------------
